@@ -1,0 +1,219 @@
+"""Full-vocabulary divergences for OPSD (ALGORITHMS.md section 5): generalized JSD, chunked and top-k.
+
+Convention (TRL GKD): ``beta = 0`` is KL(teacher || student), ``beta = 1`` is KL(student || teacher), otherwise
+``beta * KL(T || M) + (1 - beta) * KL(S || M)`` with the mixture ``M = beta * T + (1 - beta) * S`` in probability
+space. Both logits are divided by ``temperature`` first. Each per-(position, vocab) term is clamped from above at
+``pointwise_clip`` (when given) before the sum over the vocabulary. The teacher side is a constant (no gradient).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["generalized_jsd", "topk_generalized_jsd"]
+
+
+def _check_gjsd_args(beta: float, temperature: float, pointwise_clip: float | None, chunk_size: int | None) -> None:
+    if not isinstance(beta, (int, float)) or not math.isfinite(beta) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a finite number in [0, 1], got {beta!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if pointwise_clip is not None and (not isinstance(pointwise_clip, (int, float)) or math.isnan(pointwise_clip)):
+        raise ValueError(f"pointwise_clip must be None (off) or a number, got {pointwise_clip!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None (no chunking) or an int >= 1, got {chunk_size!r}")
+
+
+def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-entry terms ``p * (log p - log q)``, 0 where ``p == 0`` (so ``-inf`` log-probs never make NaN).
+
+    Args:
+        log_p: `(N, V)` float32 log-probabilities of the first distribution.
+        log_q: `(N, V)` float32 log-probabilities of the second distribution.
+
+    Returns:
+        `(N, V)` float32 terms.
+    """
+    p = log_p.exp()
+    diff = torch.where(p > 0, log_p - log_q, torch.zeros((), dtype=log_p.dtype, device=log_p.device))
+    return p * diff
+
+
+def _gjsd_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float,
+    temperature: float,
+    pointwise_clip: float | None,
+) -> torch.Tensor:
+    """Generalized JSD of each row, summed over the last dimension, computed in float32.
+
+    Args:
+        student_logits: `(N, V)` student logits (any float dtype; gradients flow through).
+        teacher_logits: `(N, V)` teacher logits (treated as constants).
+
+    Returns:
+        `(N,)` float32 per-row divergence.
+    """
+    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    if beta == 0:
+        terms = _kl_terms(log_t, log_s)
+    elif beta == 1:
+        terms = _kl_terms(log_s, log_t)
+    else:
+        log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
+        terms = beta * _kl_terms(log_t, log_m) + (1.0 - beta) * _kl_terms(log_s, log_m)
+    if pointwise_clip is not None:
+        terms = terms.clamp(max=pointwise_clip)
+    return terms.sum(dim=-1)
+
+
+class _ChunkedGJSD(torch.autograd.Function):
+    """Row-chunked generalized JSD that recomputes each chunk in the backward (checkpoint style).
+
+    The forward keeps no `(N, V)` intermediate; the backward recomputes one chunk at a time, so the memory
+    needed beyond the inputs and the returned gradient is O(chunk_size x V). Rows are independent, so every
+    row's value and gradient are those of the unchunked computation.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, beta, temperature, pointwise_clip, chunk_size):
+        n = student_logits.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=student_logits.device)
+        with torch.no_grad():
+            for start in range(0, n, chunk_size):
+                end = min(start + chunk_size, n)
+                out[start:end] = _gjsd_rows(
+                    student_logits[start:end], teacher_logits[start:end], beta, temperature, pointwise_clip
+                )
+        ctx.save_for_backward(student_logits, teacher_logits)
+        ctx.args = (beta, temperature, pointwise_clip, chunk_size)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student_logits, teacher_logits = ctx.saved_tensors
+        beta, temperature, pointwise_clip, chunk_size = ctx.args
+        grad_student = None
+        if ctx.needs_input_grad[0]:
+            grad_student = torch.empty_like(student_logits)
+            n = student_logits.shape[0]
+            for start in range(0, n, chunk_size):
+                end = min(start + chunk_size, n)
+                with torch.enable_grad():
+                    chunk = student_logits[start:end].detach().requires_grad_(True)
+                    rows = _gjsd_rows(chunk, teacher_logits[start:end], beta, temperature, pointwise_clip)
+                    (grad_chunk,) = torch.autograd.grad(rows, chunk, grad_out[start:end])
+                grad_student[start:end] = grad_chunk
+        return grad_student, None, None, None, None, None
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    pointwise_clip: float | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-position generalized Jensen-Shannon divergence over the full vocabulary (ALGORITHMS.md section 5).
+
+    ``beta = 0``: KL(teacher || student); ``beta = 1``: KL(student || teacher); otherwise
+    ``beta * KL(T || M) + (1 - beta) * KL(S || M)``, ``M = beta * T + (1 - beta) * S``. Matches TRL's
+    ``GKDTrainer.generalized_jsd_loss`` (``reduction="none"`` summed over the vocabulary) when the clip is off.
+
+    Args:
+        student_logits: `(..., V)` student logits; differentiable (any float dtype, computed in float32).
+        teacher_logits: `(..., V)` teacher logits, same shape; treated as constants. ``-inf`` entries are allowed.
+        beta: mixture weight in [0, 1].
+        temperature: > 0; both logits are divided by it first.
+        pointwise_clip: upper clamp of each per-(position, vocab) term before summing over V; None = off.
+        chunk_size: positions per chunk; None = all at once. With a chunk size the value and the gradient are
+            those of the unchunked computation (rows are independent; only float32 rounding of the vectorised
+            kernels can differ, by an ulp), and the memory needed beyond the inputs (and the gradient
+            itself) is O(chunk_size x V) because the backward recomputes one chunk at a time.
+
+    Returns:
+        `(...)` float32 divergence per position (summed over the vocabulary; no reduction over positions).
+    """
+    _check_gjsd_args(beta, temperature, pointwise_clip, chunk_size)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape, got {tuple(student_logits.shape)} "
+            f"and {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.dim() < 1:
+        raise ValueError("student_logits must have at least one dimension (the vocabulary)")
+    lead_shape = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    student_2d = student_logits.reshape(-1, vocab)
+    teacher_2d = teacher_logits.detach().reshape(-1, vocab)
+    if chunk_size is None or chunk_size >= student_2d.shape[0]:
+        rows = _gjsd_rows(student_2d, teacher_2d, float(beta), float(temperature), pointwise_clip)
+    else:
+        rows = _ChunkedGJSD.apply(student_2d, teacher_2d, float(beta), float(temperature), pointwise_clip, chunk_size)
+    return rows.reshape(lead_shape)
+
+
+def topk_generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    k: int = 50,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    pointwise_clip: float | None = None,
+    teacher_topk_values: torch.Tensor | None = None,
+    teacher_topk_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Generalized JSD restricted to the teacher's top-k ids, both sides renormalised over those ids.
+
+    Give either the full ``teacher_logits`` (the top-``k`` ids are taken from them) or the teacher's own
+    top-k as ``teacher_topk_values`` (logits or log-probs: a per-position constant shift cancels in the
+    renormalisation) with ``teacher_topk_ids`` (what a teacher server returns). The student's logits are
+    gathered at the same ids, divided by ``temperature`` and renormalised over the k ids, and the generalized
+    JSD of :func:`generalized_jsd` is taken between the two k-way distributions.
+
+    Args:
+        student_logits: `(..., V)` student logits; differentiable.
+        teacher_logits: `(..., V)` teacher logits (constants), or None when the top-k values/ids are given.
+        k: number of teacher ids, >= 1 (ignored when ``teacher_topk_ids`` is given).
+        beta, temperature, pointwise_clip: as in :func:`generalized_jsd`.
+        teacher_topk_values: `(..., k)` teacher logits or log-probs at ``teacher_topk_ids``.
+        teacher_topk_ids: `(..., k)` int64 token ids.
+
+    Returns:
+        `(...)` float32 divergence per position.
+    """
+    _check_gjsd_args(beta, temperature, pointwise_clip, None)
+    if teacher_logits is not None:
+        if teacher_topk_values is not None or teacher_topk_ids is not None:
+            raise ValueError("give either teacher_logits or (teacher_topk_values, teacher_topk_ids), not both")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= teacher_logits.shape[-1]:
+            raise ValueError(f"k must be an int in [1, vocab size {teacher_logits.shape[-1]}], got {k!r}")
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"student_logits and teacher_logits must have the same shape, got {tuple(student_logits.shape)} "
+                f"and {tuple(teacher_logits.shape)}"
+            )
+        teacher_topk_values, teacher_topk_ids = teacher_logits.detach().topk(k, dim=-1)
+    elif teacher_topk_values is None or teacher_topk_ids is None:
+        raise ValueError("give teacher_logits, or both teacher_topk_values and teacher_topk_ids")
+    if teacher_topk_values.shape != teacher_topk_ids.shape or teacher_topk_ids.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"teacher_topk_values/teacher_topk_ids must have shape (..., k) matching student_logits' leading "
+            f"dimensions {tuple(student_logits.shape[:-1])}, got {tuple(teacher_topk_values.shape)} and "
+            f"{tuple(teacher_topk_ids.shape)}"
+        )
+    student_k = student_logits.gather(-1, teacher_topk_ids.long())
+    kk = student_k.shape[-1]
+    rows = _gjsd_rows(
+        student_k.reshape(-1, kk),
+        teacher_topk_values.detach().reshape(-1, kk),
+        float(beta),
+        float(temperature),
+        pointwise_clip,
+    )
+    return rows.reshape(student_logits.shape[:-1])
