@@ -1,0 +1,384 @@
+"""The plugin's `opd` config section: typed view and validation.
+
+`load_opd_config(cfg)` reads the composed Hydra config (veRL's `ppo_trainer` plus `opd`), checks every rule
+below and returns frozen dataclasses. It runs in the driver before Ray or any worker starts, so a bad value
+costs nothing. Every error names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+SIGNALS = ("opd", "gopd", "opsd")
+REFERENCE_KINDS = ("student_init", "base_model")
+WEIGHTINGS = ("none", "iw", "prefix_mask", "suffix_mask", "prefix_weight")
+MARGINS = ("prob", "logprob")
+TEACHER_KINDS = ("local", "server")
+OPSD_LOSSES = ("full", "topk", "sampled")
+OPSD_TEACHERS = ("frozen", "current", "ema")
+MISSING_SOLUTION = ("error", "skip")
+CPU_DEMO = ("auto", "true", "false")
+
+
+class OPDConfigError(ValueError):
+    """A value of the `opd` section (or a veRL field it depends on) is not allowed."""
+
+
+@dataclass(frozen=True)
+class SignalConfig:
+    name: str = "opd"
+    lam: float = 1.0
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    kind: str = "student_init"
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class WeightingConfig:
+    name: str = "none"
+    w_max: float = 1.5
+    fraction: float = 0.3
+    weight: float = 1.5
+    anneal: bool = False
+    fraction_end: float = 1.0
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    enabled: bool = False
+    top_k: int = 8
+    margin: str = "prob"
+    split_newlines: bool = True
+    min_segment: int = 2
+    penalty: float = 2.0
+    min_gain: float = 0.0
+
+
+@dataclass(frozen=True)
+class TeacherModelConfig:
+    name: str
+    path: str | None
+    route: str | None
+    lam: float
+    reference_path: str | None
+
+
+@dataclass(frozen=True)
+class TeachersConfig:
+    routing_key: str = "data_source"
+    kind: str = "local"
+    nnodes: int = 1
+    n_gpus_per_node: int = 1
+    logprob_chunk_size: int = 1024
+    models: tuple[TeacherModelConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class OPSDConfig:
+    loss: str = "full"
+    teacher: str = "frozen"
+    ema_decay: float = 0.999
+    beta: float = 0.0
+    temperature: float = 1.1
+    pointwise_clip: float | None = 0.05
+    topk: int = 50
+    chunk_size: int = 512
+    problem_key: str = "extra_info.problem"
+    solution_key: str = "extra_info.solution"
+    missing_solution: str = "error"
+    student_template: str = ""
+    teacher_template: str = ""
+
+
+@dataclass(frozen=True)
+class OPDConfig:
+    cpu_demo: str = "auto"
+    signal: SignalConfig = field(default_factory=SignalConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    task_coef: float = 0.0
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    opsd: OPSDConfig = field(default_factory=OPSDConfig)
+
+    @property
+    def needs_reference(self) -> bool:
+        """True when some teacher's signal uses reference log-probs (G-OPD with lam != 1)."""
+        return self.signal.name == "gopd" and any(t.lam != 1.0 for t in self.teachers.models)
+
+    @property
+    def needs_base_model_reference(self) -> bool:
+        """True when a third model (reward correction) must be loaded for some teacher."""
+        return self.needs_reference and any(t.reference_path for t in self.teachers.models if t.lam != 1.0)
+
+
+def _fail(field_name: str, value: Any, allowed: str) -> None:
+    raise OPDConfigError(f"opd.{field_name}={value!r} is not allowed: {allowed}.")
+
+
+def _choice(section: dict, key: str, prefix: str, allowed: tuple[str, ...]) -> str:
+    value = section.get(key)
+    if isinstance(value, bool):
+        value = str(value).lower()
+    if value not in allowed:
+        _fail(f"{prefix}{key}", value, f"allowed values are {', '.join(allowed)}")
+    return value
+
+
+def _number(section: dict, key: str, prefix: str, *, low=None, high=None, low_open=False, integer=False) -> float:
+    value = section.get(key)
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        _fail(f"{prefix}{key}", value, f"it must be {kind}")
+    if not math.isfinite(value):
+        _fail(f"{prefix}{key}", value, "it must be finite")
+    if low is not None and (value <= low if low_open else value < low):
+        bound = f"> {low}" if low_open else f">= {low}"
+        rng = f"{bound}" if high is None else f"in {'(' if low_open else '['}{low}, {high}]"
+        _fail(f"{prefix}{key}", value, f"it must be {rng}")
+    if high is not None and value > high:
+        _fail(f"{prefix}{key}", value, f"it must be in {'(' if low_open else '['}{low}, {high}]")
+    return int(value) if integer else float(value)
+
+
+def _flag(section: dict, key: str, prefix: str) -> bool:
+    value = section.get(key)
+    if not isinstance(value, bool):
+        _fail(f"{prefix}{key}", value, "it must be true or false")
+    return value
+
+
+def _optional_str(section: dict, key: str, prefix: str) -> str | None:
+    value = section.get(key)
+    if value is None or isinstance(value, str):
+        return value or None
+    _fail(f"{prefix}{key}", value, "it must be a string or null")
+    return None
+
+
+def _parse_signal(raw: dict) -> SignalConfig:
+    name = _choice(raw, "name", "signal.", SIGNALS)
+    lam = _number(raw, "lam", "signal.", low=0.0, low_open=True)
+    if name != "gopd" and lam != 1.0:
+        _fail("signal.lam", lam, f"lam applies to signal.name=gopd only (got signal.name={name}); use gopd, or lam=1")
+    return SignalConfig(name=name, lam=lam)
+
+
+def _parse_weighting(raw: dict) -> WeightingConfig:
+    p = "weighting."
+    return WeightingConfig(
+        name=_choice(raw, "name", p, WEIGHTINGS),
+        w_max=_number(raw, "w_max", p, low=1.0),
+        fraction=_number(raw, "fraction", p, low=0.0, high=1.0, low_open=True),
+        weight=_number(raw, "weight", p, low=0.0),
+        anneal=_flag(raw, "anneal", p),
+        fraction_end=_number(raw, "fraction_end", p, low=0.0, high=1.0, low_open=True),
+    )
+
+
+def _parse_release(raw: dict) -> ReleaseConfig:
+    p = "release."
+    return ReleaseConfig(
+        enabled=_flag(raw, "enabled", p),
+        top_k=_number(raw, "top_k", p, low=2, integer=True),
+        margin=_choice(raw, "margin", p, MARGINS),
+        split_newlines=_flag(raw, "split_newlines", p),
+        min_segment=_number(raw, "min_segment", p, low=1, integer=True),
+        penalty=_number(raw, "penalty", p, low=0.0),
+        min_gain=_number(raw, "min_gain", p),
+    )
+
+
+def _parse_teachers(raw: dict, signal: SignalConfig, reference: ReferenceConfig) -> TeachersConfig:
+    p = "teachers."
+    routing_key = raw.get("routing_key")
+    if not isinstance(routing_key, str) or not (
+        routing_key == "data_source" or (routing_key.startswith("extra_info.") and len(routing_key) > 11)
+    ):
+        _fail(f"{p}routing_key", routing_key, "use data_source or extra_info.FIELD")
+    models_raw = raw.get("models") or {}
+    if not isinstance(models_raw, dict):
+        _fail(f"{p}models", models_raw, "it must be a mapping name -> {path, route, lam, reference_path}")
+    models = []
+    for name, entry in models_raw.items():
+        if entry is None:  # `~opd.teachers.models.NAME` style removal
+            continue
+        mp = f"{p}models.{name}."
+        unknown = set(entry) - {"path", "route", "lam", "reference_path"}
+        if unknown:
+            _fail(
+                f"{mp}{sorted(unknown)[0]}",
+                entry[sorted(unknown)[0]],
+                "allowed keys are path, route, lam, reference_path",
+            )
+        lam = signal.lam if entry.get("lam") is None else _number(entry, "lam", mp, low=0.0, low_open=True)
+        if signal.name != "gopd" and lam != 1.0:
+            _fail(f"{mp}lam", lam, f"lam applies to signal.name=gopd only (got signal.name={signal.name})")
+        route = entry.get("route")
+        models.append(
+            TeacherModelConfig(
+                name=str(name),
+                path=_optional_str(entry, "path", mp),
+                route=None if route is None else str(route),
+                lam=lam,
+                reference_path=_optional_str(entry, "reference_path", mp) or reference.path,
+            )
+        )
+    routes = [m.route for m in models]
+    if len(set(routes)) != len(routes):
+        dup = next(r for r in routes if routes.count(r) > 1)
+        _fail(f"{p}models", f"route {dup!r} used twice", "each teacher serves a distinct route (one null fallback)")
+    return TeachersConfig(
+        routing_key=routing_key,
+        kind=_choice(raw, "kind", p, TEACHER_KINDS),
+        nnodes=_number(raw, "nnodes", p, low=1, integer=True),
+        n_gpus_per_node=_number(raw, "n_gpus_per_node", p, low=1, integer=True),
+        logprob_chunk_size=_number(raw, "logprob_chunk_size", p, low=1, integer=True),
+        models=tuple(models),
+    )
+
+
+def _parse_opsd(raw: dict) -> OPSDConfig:
+    p = "opsd."
+    clip = raw.get("pointwise_clip")
+    pointwise_clip = None if clip is None else _number(raw, "pointwise_clip", p, low=0.0, low_open=True)
+    for key in ("student_template", "teacher_template", "problem_key", "solution_key"):
+        if not isinstance(raw.get(key), str) or not raw.get(key):
+            _fail(f"{p}{key}", raw.get(key), "it must be a non-empty string")
+    if "{problem}" not in raw["student_template"]:
+        _fail(f"{p}student_template", raw["student_template"], "it must contain the placeholder {problem}")
+    for placeholder in ("{problem}", "{solution}"):
+        if placeholder not in raw["teacher_template"]:
+            _fail(f"{p}teacher_template", raw["teacher_template"], f"it must contain the placeholder {placeholder}")
+    return OPSDConfig(
+        loss=_choice(raw, "loss", p, OPSD_LOSSES),
+        teacher=_choice(raw, "teacher", p, OPSD_TEACHERS),
+        ema_decay=_number(raw, "ema_decay", p, low=0.0, high=1.0, low_open=True),
+        beta=_number(raw, "beta", p, low=0.0, high=1.0),
+        temperature=_number(raw, "temperature", p, low=0.0, low_open=True),
+        pointwise_clip=pointwise_clip,
+        topk=_number(raw, "topk", p, low=1, integer=True),
+        chunk_size=_number(raw, "chunk_size", p, low=1, integer=True),
+        problem_key=raw["problem_key"],
+        solution_key=raw["solution_key"],
+        missing_solution=_choice(raw, "missing_solution", p, MISSING_SOLUTION),
+        student_template=raw["student_template"],
+        teacher_template=raw["teacher_template"],
+    )
+
+
+def _veRL_has_reference_policy(cfg: DictConfig) -> bool:
+    """Whether veRL will compute `ref_log_prob` (student-init reference) for this config."""
+    from verl.trainer.ppo.utils import need_reference_policy
+
+    return bool(need_reference_policy(cfg))
+
+
+def _cross_checks(opd: OPDConfig, cfg: DictConfig | None) -> None:
+    signal, teachers = opd.signal, opd.teachers
+    if opd.weighting.name in ("none", "iw", "suffix_mask") and opd.weighting.anneal:
+        _fail("weighting.anneal", True, "annealing applies to prefix_mask and prefix_weight only")
+
+    if signal.name == "opsd":
+        if opd.opsd.loss != "sampled" and (opd.weighting.name != "none" or opd.release.enabled):
+            stage = "weighting.name" if opd.weighting.name != "none" else "release.enabled"
+            value = opd.weighting.name if opd.weighting.name != "none" else True
+            _fail(
+                stage,
+                value,
+                f"the {opd.opsd.loss}-vocabulary OPSD loss is not an advantage, so it cannot be weighted or released; "
+                "use opd.opsd.loss=sampled, or weighting.name=none and release.enabled=false",
+            )
+        if cfg is not None:
+            lora_rank = OmegaConf.select(cfg, "actor_rollout_ref.model.lora_rank", default=0) or 0
+            if opd.opsd.loss == "full" and opd.opsd.teacher != "current" and lora_rank <= 0:
+                _fail(
+                    "opsd.teacher",
+                    opd.opsd.teacher,
+                    "with full fine-tuning (actor_rollout_ref.model.lora_rank=0) a frozen or ema teacher lives in "
+                    "another worker and cannot send full-vocabulary logits; use opsd.teacher=current, "
+                    "LoRA (actor_rollout_ref.model.lora_rank>0), or opsd.loss=topk|sampled",
+                )
+        return
+
+    if not teachers.models:
+        _fail("teachers.models", "{}", f"signal.name={signal.name} needs at least one teacher")
+    for t in teachers.models:
+        if not t.path:
+            _fail(f"teachers.models.{t.name}.path", t.path, "a teacher model path (local directory) is required")
+    if teachers.kind == "server":
+        if opd.release.enabled:
+            _fail(
+                "teachers.kind",
+                "server",
+                "the release rule needs the teacher's log-probs at the student's top-K ids, which veRL's "
+                "vLLM/SGLang teacher servers do not return; use teachers.kind=local",
+            )
+        if opd.needs_base_model_reference:
+            _fail(
+                "teachers.kind",
+                "server",
+                "reward correction needs a third model (the teacher's base) scored by the plugin's forward-only "
+                "worker; use teachers.kind=local",
+            )
+    if opd.reference.kind == "base_model" and opd.needs_reference:
+        missing = [t.name for t in teachers.models if t.lam != 1.0 and not t.reference_path]
+        if missing:
+            _fail(
+                "reference.path",
+                opd.reference.path,
+                f"reference.kind=base_model needs a model path (set opd.reference.path or "
+                f"opd.teachers.models.{missing[0]}.reference_path)",
+            )
+    if opd.needs_reference and cfg is not None:
+        student_init_users = [t.name for t in teachers.models if t.lam != 1.0 and not t.reference_path]
+        if student_init_users and not _veRL_has_reference_policy(cfg):
+            lam = next(t.lam for t in teachers.models if t.name == student_init_users[0])
+            _fail(
+                "signal.lam",
+                lam,
+                "lam != 1 needs reference log-probs, and veRL computes the student-init reference only when "
+                "actor_rollout_ref.actor.use_kl_loss=true (set actor_rollout_ref.actor.kl_loss_coef=0 to keep the "
+                "loss unchanged) or algorithm.use_kl_in_reward=true; or give a base model with "
+                "opd.reference.kind=base_model opd.reference.path=PATH; or use lam=1",
+            )
+
+
+def parse_opd_section(raw: dict, cfg: DictConfig | None = None) -> OPDConfig:
+    """Validate a plain-dict `opd` section; `cfg` (the whole config) enables the checks against veRL fields."""
+    if not isinstance(raw, dict):
+        raise OPDConfigError("the `opd` config section is missing; compose from opd_verl's opd_trainer config")
+    cpu_demo = _choice(raw, "cpu_demo", "", CPU_DEMO)
+    signal = _parse_signal(raw.get("signal") or {})
+    ref_raw = raw.get("reference") or {}
+    reference = ReferenceConfig(
+        kind=_choice(ref_raw, "kind", "reference.", REFERENCE_KINDS),
+        path=_optional_str(ref_raw, "path", "reference."),
+    )
+    if reference.kind == "student_init" and reference.path:
+        _fail("reference.path", reference.path, "a path is used only with reference.kind=base_model")
+    opd = OPDConfig(
+        cpu_demo=cpu_demo,
+        signal=signal,
+        reference=reference,
+        weighting=_parse_weighting(raw.get("weighting") or {}),
+        release=_parse_release(raw.get("release") or {}),
+        task_coef=_number(raw, "task_coef", ""),
+        teachers=_parse_teachers(raw.get("teachers") or {}, signal, reference),
+        opsd=_parse_opsd(raw.get("opsd") or {}),
+    )
+    _cross_checks(opd, cfg)
+    return opd
+
+
+def load_opd_config(cfg: DictConfig) -> OPDConfig:
+    """Validate the `opd` section of a composed config (and the veRL fields it relies on)."""
+    raw = OmegaConf.to_container(cfg.get("opd"), resolve=True) if cfg.get("opd") is not None else None
+    return parse_opd_section(raw, cfg)

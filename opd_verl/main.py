@@ -1,0 +1,54 @@
+"""Hydra entry point: `python -m opd_verl.main +recipe=NAME [overrides]`.
+
+Composes veRL's `ppo_trainer` with the plugin's `opd` section and a recipe, validates everything in the driver
+(before Ray or any worker starts), then runs veRL's trainer with the plugin loaded. `--cfg job` prints the
+composed config and starts nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from opd_verl.config import OPDConfig, OPDConfigError, load_opd_config
+
+
+def prepare(cfg: DictConfig) -> DictConfig:
+    """Apply presets that rewrite the config (the CPU demo) before validation."""
+    from opd_verl.cpu.demo import maybe_apply_cpu_demo
+
+    return maybe_apply_cpu_demo(cfg)
+
+
+def launch(cfg: DictConfig, opd: OPDConfig) -> None:
+    """Validate veRL's own fields and run its trainer (Ray driver side)."""
+    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+    from verl.utils.device import auto_set_device
+
+    import opd_verl.integration.plugin  # noqa: F401  (registers the estimators in this process too)
+
+    auto_set_device(cfg)
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    run_ppo(cfg, task_runner_class=TaskRunnerV1)
+
+
+def run(cfg: DictConfig) -> None:
+    try:
+        cfg = prepare(cfg)
+        opd = load_opd_config(cfg)
+    except OPDConfigError as err:
+        sys.exit(f"opd_verl: invalid config: {err}")
+    launch(cfg, opd)
+
+
+@hydra.main(config_path="hydra_configs", config_name="opd_trainer", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
