@@ -1,0 +1,295 @@
+"""Composition of the stages (ALGORITHMS.md section 6).
+
+``A = release(weighting(signal)) + task_coef * task_advantages``. The parameter dataclasses mirror the ``opd:``
+section of ``hydra_configs/opd_trainer.yaml`` field by field (``signal.*``, ``weighting.*``, ``release.*``,
+``task_coef``), so a config maps onto them 1:1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from opd_verl.objectives.release import MARGIN_KINDS, release
+from opd_verl.objectives.signals import check_same_shape, discrepancy, gopd_advantages
+from opd_verl.objectives.weighting import (
+    POSITION_MODES,
+    cosine_fraction,
+    iw_opd_weights,
+    position_decile_means,
+    position_mask_weights,
+)
+
+__all__ = [
+    "SIGNAL_NAMES",
+    "WEIGHTING_NAMES",
+    "SignalParams",
+    "WeightingParams",
+    "ReleaseParams",
+    "StageParams",
+    "compose_advantages",
+]
+
+SIGNAL_NAMES = ("opd", "gopd", "opsd_sampled")
+WEIGHTING_NAMES = ("none", "iw", *POSITION_MODES)
+
+
+def _finite(name: str, value: Any, low: float | None = None, high: float | None = None, low_open: bool = False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        lo = "-inf" if low is None else f"{'(' if low_open else '['}{low}"
+        hi = "inf)" if high is None else f"{high}]"
+        raise ValueError(f"{name} must be a finite number in {lo}, {hi}, got {value!r}")
+
+
+@dataclass
+class SignalParams:
+    """``opd.signal``: ``name`` in opd | gopd | opsd_sampled; ``lam`` the G-OPD reward scale (finite, > 0).
+
+    ``opsd_sampled`` is OPSD's sampled-token variant: ``teacher_logprobs`` are then the privileged-context
+    teacher's log-probs and the advantage is ``teacher - student`` (the full-vocabulary OPSD loss is not an
+    advantage; use :func:`opd_verl.objectives.generalized_jsd`).
+    """
+
+    name: str = "opd"
+    lam: float = 1.0
+
+    def __post_init__(self):
+        if self.name not in SIGNAL_NAMES:
+            raise ValueError(f"opd.signal.name must be one of {list(SIGNAL_NAMES)}, got {self.name!r}")
+        _finite("opd.signal.lam", self.lam, 0.0, low_open=True)
+        if self.name != "gopd" and self.lam != 1.0:
+            raise ValueError(f"opd.signal.lam={self.lam} applies only to signal.name=gopd; {self.name!r} needs lam=1")
+
+
+@dataclass
+class WeightingParams:
+    """``opd.weighting``: ``name`` in none | iw | prefix_mask | suffix_mask | prefix_weight (section 3)."""
+
+    name: str = "none"
+    w_max: float = 1.5
+    fraction: float = 0.3
+    weight: float = 1.5
+    anneal: bool = False
+    fraction_end: float = 1.0
+
+    def __post_init__(self):
+        if self.name not in WEIGHTING_NAMES:
+            raise ValueError(f"opd.weighting.name must be one of {list(WEIGHTING_NAMES)}, got {self.name!r}")
+        _finite("opd.weighting.w_max", self.w_max, 1.0)
+        _finite("opd.weighting.fraction", self.fraction, 0.0, 1.0, low_open=True)
+        _finite("opd.weighting.weight", self.weight, 0.0)
+        _finite("opd.weighting.fraction_end", self.fraction_end, 0.0, 1.0, low_open=True)
+        if not isinstance(self.anneal, bool):
+            raise ValueError(f"opd.weighting.anneal must be true or false, got {self.anneal!r}")
+        if self.anneal and self.name not in ("prefix_mask", "prefix_weight"):
+            raise ValueError(
+                f"opd.weighting.anneal=true applies only to name in ['prefix_mask', 'prefix_weight'], got {self.name!r}"
+            )
+
+
+@dataclass
+class ReleaseParams:
+    """``opd.release``: the Prefix-Teach release rule (section 4).
+
+    ``top_k``, ``margin`` and ``split_newlines`` are used where the margins and sentence ids are produced
+    (teacher worker, :func:`topk_margin`, :func:`batch_sentence_ids`); they are validated here too.
+    """
+
+    enabled: bool = False
+    top_k: int = 8
+    margin: str = "prob"
+    split_newlines: bool = True
+    min_segment: int = 2
+    penalty: float = 2.0
+    min_gain: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"opd.release.enabled must be true or false, got {self.enabled!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 2:
+            raise ValueError(f"opd.release.top_k must be an int >= 2, got {self.top_k!r}")
+        if self.margin not in MARGIN_KINDS:
+            raise ValueError(f"opd.release.margin must be one of {list(MARGIN_KINDS)}, got {self.margin!r}")
+        if not isinstance(self.split_newlines, bool):
+            raise ValueError(f"opd.release.split_newlines must be true or false, got {self.split_newlines!r}")
+        if isinstance(self.min_segment, bool) or not isinstance(self.min_segment, int) or self.min_segment < 1:
+            raise ValueError(f"opd.release.min_segment must be an int >= 1, got {self.min_segment!r}")
+        _finite("opd.release.penalty", self.penalty, 0.0)
+        _finite("opd.release.min_gain", self.min_gain)
+
+
+@dataclass
+class StageParams:
+    """The three stages plus the task-reward coefficient: the ``opd:`` config section's stage fields."""
+
+    signal: SignalParams = field(default_factory=SignalParams)
+    weighting: WeightingParams = field(default_factory=WeightingParams)
+    release: ReleaseParams = field(default_factory=ReleaseParams)
+    task_coef: float = 0.0
+
+    def __post_init__(self):
+        for name, cls in (("signal", SignalParams), ("weighting", WeightingParams), ("release", ReleaseParams)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _from_mapping(cls, value, f"opd.{name}"))
+            elif not isinstance(value, cls):
+                raise ValueError(f"opd.{name} must be a {cls.__name__} or a mapping, got {type(value).__name__}")
+        _finite("opd.task_coef", self.task_coef)
+
+    @classmethod
+    def from_config(cls, opd_section: Any) -> StageParams:
+        """Build from the ``opd:`` section (a dict or OmegaConf node); keys other than the stages are ignored."""
+        get = opd_section.get if hasattr(opd_section, "get") else (lambda k, d=None: getattr(opd_section, k, d))
+        return cls(
+            signal=_to_dict(get("signal", {})),
+            weighting=_to_dict(get("weighting", {})),
+            release=_to_dict(get("release", {})),
+            task_coef=get("task_coef", 0.0),
+        )
+
+
+def _to_dict(node: Any) -> dict:
+    if isinstance(node, dict):
+        return dict(node)
+    if hasattr(node, "items"):
+        return dict(node.items())
+    raise ValueError(f"expected a mapping, got {type(node).__name__}")
+
+
+def _from_mapping(cls, values: dict, prefix: str):
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ValueError(f"{prefix} has unknown keys {unknown}; allowed: {sorted(allowed)}")
+    return cls(**values)
+
+
+def _masked_stats(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
+    if not bool(mask.any()):
+        return 0.0, 0.0, 0.0
+    v = values[mask]
+    return float(v.mean()), float(v.min()), float(v.max())
+
+
+def compose_advantages(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    params: StageParams,
+    ref_logprobs: torch.Tensor | None = None,
+    sentence_ids: torch.Tensor | None = None,
+    margins: torch.Tensor | None = None,
+    task_advantages: torch.Tensor | None = None,
+    step: int | None = None,
+    total_steps: int | None = None,
+    lam: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Final advantages ``release(weighting(signal)) + task_coef * task_advantages`` and metrics (section 6).
+
+    Args:
+        student_logprobs: `(B, T)` recomputed ``old_log_probs`` of the sampled tokens.
+        teacher_logprobs: `(B, T)` teacher log-probs of the same tokens (the privileged teacher's for
+            ``opsd_sampled``).
+        response_mask: `(B, T)` 1 on response tokens.
+        params: the stages.
+        ref_logprobs: `(B, T)` reference log-probs; required when the signal is ``gopd`` with some lam != 1.
+        sentence_ids: `(B, T)` int sentence index per token; required when release is enabled.
+        margins: `(B, T)` teacher top-K margin per token; required when release is enabled.
+        task_advantages: `(B, T)` task-reward advantages (e.g. GRPO's); required when ``task_coef != 0``.
+        step, total_steps: 1-based training step and total; required when ``weighting.anneal``.
+        lam: per-call override of ``params.signal.lam`` (a float, or `(B,)` per-row values for
+            multi-teacher routing); gopd only.
+
+    Returns:
+        advantages: `(B, T)` float32, detached, 0 where the mask is 0.
+        metrics: floats keyed ``opd/...``: means over valid tokens of the discrepancy, signal, weights and final
+            advantages; release acceptance rate, mean kept fraction and mean BIC gain (over rows where it is
+            defined); ``opd/discrepancy_decile/{k}`` the mean discrepancy per position decile of the valid tokens.
+    """
+    if not isinstance(params, StageParams):
+        raise ValueError(f"params must be a StageParams, got {type(params).__name__}")
+    check_same_shape(
+        response_mask,
+        student_logprobs=student_logprobs,
+        teacher_logprobs=teacher_logprobs,
+        ref_logprobs=ref_logprobs,
+        sentence_ids=sentence_ids,
+        margins=margins,
+        task_advantages=task_advantages,
+    )
+    mask = response_mask.bool()
+    metrics: dict[str, float] = {}
+
+    # stage 1: signal
+    disc = discrepancy(student_logprobs, teacher_logprobs, response_mask)
+    if params.signal.name == "gopd":
+        use_lam = params.signal.lam if lam is None else lam
+        signal = gopd_advantages(student_logprobs, teacher_logprobs, response_mask, use_lam, ref_logprobs)
+    else:
+        if lam is not None:
+            raise ValueError(f"lam applies only to signal.name=gopd, got signal.name={params.signal.name!r}")
+        signal = disc
+
+    # stage 2: weighting
+    wp = params.weighting
+    if wp.name == "none":
+        weights = mask.float()
+    elif wp.name == "iw":
+        weights = iw_opd_weights(disc, response_mask, wp.w_max)
+    else:
+        fraction = wp.fraction
+        if wp.anneal:
+            if step is None or total_steps is None:
+                raise ValueError("opd.weighting.anneal=true needs step and total_steps")
+            fraction = cosine_fraction(step, total_steps, wp.fraction, wp.fraction_end)
+            metrics["opd/weighting/fraction"] = fraction
+        weights = position_mask_weights(response_mask, wp.name, fraction, wp.weight)
+    advantages = weights * signal
+
+    # stage 3: release
+    rp = params.release
+    if rp.enabled:
+        if sentence_ids is None or margins is None:
+            raise ValueError("opd.release.enabled=true needs sentence_ids and margins")
+        result = release(advantages, response_mask, sentence_ids, margins, rp.min_segment, rp.penalty, rp.min_gain)
+        advantages = result.advantages
+        rows = result.n_valid > 0
+        n_rows = int(rows.sum())
+        metrics["opd/release/accept_rate"] = float(result.accepted[rows].float().mean()) if n_rows else 0.0
+        kept_frac = result.n_kept.double() / result.n_valid.clamp_min(1).double()
+        metrics["opd/release/kept_fraction"] = float(kept_frac[rows].mean()) if n_rows else 1.0
+        defined = torch.isfinite(result.gain) & rows
+        metrics["opd/release/gain_defined_rate"] = float(defined[rows].float().mean()) if n_rows else 0.0
+        if bool(defined.any()):
+            metrics["opd/release/gain"] = float(result.gain[defined].mean())
+        metrics["opd/release/n_sentences"] = float(result.n_sentences[rows].double().mean()) if n_rows else 0.0
+
+    # task reward last, never released
+    if params.task_coef != 0.0:
+        if task_advantages is None:
+            raise ValueError(f"opd.task_coef={params.task_coef} != 0 needs task_advantages")
+        zero = torch.zeros((), dtype=torch.float32, device=advantages.device)
+        task = torch.where(mask, task_advantages.detach().float(), zero)
+        if not bool(torch.isfinite(task).all()):
+            raise ValueError("task_advantages has NaN/inf at valid response tokens")
+        advantages = advantages + params.task_coef * task
+
+    metrics["opd/discrepancy"], _, _ = _masked_stats(disc, mask)
+    metrics["opd/abs_discrepancy"], _, _ = _masked_stats(disc.abs(), mask)
+    metrics["opd/signal"], _, _ = _masked_stats(signal, mask)
+    w_mean, w_min, w_max = _masked_stats(weights, mask)
+    metrics.update({"opd/weight_mean": w_mean, "opd/weight_min": w_min, "opd/weight_max": w_max})
+    metrics["opd/advantage"], _, _ = _masked_stats(advantages, mask)
+    deciles, _ = position_decile_means(disc, response_mask, 10)
+    for k, value in enumerate(deciles.tolist()):
+        metrics[f"opd/discrepancy_decile/{k}"] = value
+    return advantages, metrics
