@@ -67,6 +67,8 @@ def _change_points(x: torch.Tensor, n: torch.Tensor, min_segment: int, penalty: 
     Returns:
         _ChangePoints of `(B,)` tensors.
     """
+    if x.shape[1] == 0:
+        x = x.new_zeros(x.shape[0], 1)
     batch, width = x.shape
     device = x.device
     j_idx = torch.arange(width, device=device)
@@ -77,8 +79,8 @@ def _change_points(x: torch.Tensor, n: torch.Tensor, min_segment: int, penalty: 
     x = torch.where(valid, x - x.sum(-1, keepdim=True) / nf.clamp_min(1)[:, None], x.new_zeros(()))
     s = x.cumsum(-1)
     q = (x * x).cumsum(-1)
-    s_tot = s[:, -1:] if width else x.new_zeros(batch, 1)
-    q_tot = q[:, -1:] if width else x.new_zeros(batch, 1)
+    s_tot = s[:, -1:]
+    q_tot = q[:, -1:]
     # split tau = j + 1 puts sentences [0, tau) on the left
     n_left = (j_idx + 1).double()[None, :]
     n_right = nf[:, None] - n_left
@@ -90,21 +92,18 @@ def _change_points(x: torch.Tensor, n: torch.Tensor, min_segment: int, penalty: 
     rss1 = torch.where(allowed, rss1, inf)
     best = rss1.min(dim=-1, keepdim=True).values
     # earliest split among exact ties
-    first = torch.where(rss1 == best, j_idx[None, :], width).min(dim=-1).values.clamp_max(max(width - 1, 0))
+    first = torch.where(rss1 == best, j_idx[None, :], width).min(dim=-1).values.clamp_max(width - 1)
     has_split = allowed.any(dim=-1)
     rss0 = (q_tot[:, 0] - s_tot[:, 0] ** 2 / nf.clamp_min(1)).clamp_min(_RSS_FLOOR)
     rss1_best = best[:, 0]
     log_j = torch.log(nf.clamp_min(1))
     gain = nf * torch.log(rss0 / torch.where(has_split, rss1_best, rss0)) - penalty * log_j
     gain = torch.where(has_split, gain, -inf)
-    if width:
-        s_left = s.gather(1, first[:, None])[:, 0]
-        left_n = (first + 1).double()
-        mean_left = s_left / left_n
-        mean_right = (s_tot[:, 0] - s_left) / (nf - left_n).clamp_min(1.0)
-        down = mean_right < mean_left
-    else:
-        down = torch.zeros(batch, dtype=torch.bool, device=device)
+    s_left = s.gather(1, first[:, None])[:, 0]
+    left_n = (first + 1).double()
+    mean_left = s_left / left_n
+    mean_right = (s_tot[:, 0] - s_left) / (nf - left_n).clamp_min(1.0)
+    down = mean_right < mean_left
     accepted = has_split & (gain > min_gain) & down
     tau = torch.where(has_split, first + 1, torch.zeros_like(first))
     return _ChangePoints(tau=tau, gain=gain, accepted=accepted)
