@@ -1,0 +1,345 @@
+"""veRL-facing adapters: map veRL batch fields / call conventions onto the pure objectives.
+
+Three kinds of entry, one per veRL hook that can carry what the objectives need:
+
+- **Advantage estimators** (``algorithm.adv_estimator``): veRL's own ``compute_advantage`` passes only
+  ``token_level_rewards, response_mask, config, index``; teacher/reference log-probs do not reach an estimator
+  through it. The estimators below therefore take those tensors as extra keyword arguments
+  (``student_logprobs``, ``teacher_logprobs``, ``ref_logprobs``, ``sentence_ids``, ``margins``) that a trainer
+  passes when it calls ``get_adv_estimator_fn(name)(...)`` itself (the plugin's trainer does, in its
+  ``_compute_advantage``); called without them they raise ``ValueError`` saying so.
+  ``token_level_rewards`` + ``index`` give the task advantage (veRL's GRPO estimator) when ``task_coef != 0``.
+- **Distillation losses** (``distillation.distillation_loss.loss_mode``, estimator mode, with
+  ``use_policy_gradient=true``): veRL's ``distillation_loss`` hands the whole micro-batch ``data``
+  (``old_log_probs``, ``ref_log_prob``, ``teacher_logprobs`` of the sampled tokens from veRL's teacher servers,
+  and any field a trainer stored, e.g. ``opd_sentence_ids``/``opd_margins``/``opd_lam``). Each returns
+  per-token losses ``-A`` so that veRL's wrapper, which runs PPO-clip with ``advantages = -losses.detach()``,
+  optimises exactly the advantages ``A`` of the pure functions.
+- **OPSD top-k GJSD** (``opsd_gjsd``): a distillation loss in top-k mode. veRL's own top-k logits processor is
+  hard-wired to forward KL, so :func:`make_opsd_gjsd_loss_fn` builds the worker loss function to install with
+  ``actor_rollout_wg.set_loss_fn(...)``: as a logits processor it computes the top-k generalized JSD from the
+  student logits and the teacher's top-k (``teacher_logprobs``/``teacher_ids``); as the final loss it delegates
+  to veRL's ``distillation_ppo_loss``, which reads those per-token values back through the registered name.
+
+Stage parameters (lam, w_max, release settings, task_coef) come from :func:`set_stage_params`, or from the
+JSON in the environment variable ``OPD_VERL_STAGE_PARAMS`` (a mapping shaped like the ``opd:`` config section,
+so Ray workers see it through their runtime environment), or else the defaults of ``StageParams``; a call may
+also pass ``params=StageParams(...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from opd_verl.objectives import StageParams, compose_advantages, topk_generalized_jsd
+
+__all__ = [
+    "STAGE_PARAMS_ENV",
+    "ESTIMATOR_NAMES",
+    "set_stage_params",
+    "get_stage_params",
+    "stage_params_for",
+    "advantages_for",
+    "make_adv_estimator",
+    "make_distillation_loss",
+    "opsd_gjsd_distillation_loss",
+    "opsd_gjsd_logits_processor",
+    "make_opsd_gjsd_loss_fn",
+]
+
+STAGE_PARAMS_ENV = "OPD_VERL_STAGE_PARAMS"
+ESTIMATOR_NAMES = ("opd", "gopd", "exopd", "iw_opd", "prefix_release", "opd_pipeline")
+EXOPD_DEFAULT_LAM = 1.25
+
+_STAGE_PARAMS: StageParams | None = None
+
+
+def set_stage_params(params: StageParams | dict | None) -> None:
+    """Set the process-wide stage parameters used by the registered names (None: back to env/defaults)."""
+    global _STAGE_PARAMS
+    if params is None or isinstance(params, StageParams):
+        _STAGE_PARAMS = params
+    elif isinstance(params, dict):
+        _STAGE_PARAMS = StageParams.from_config(params)
+    else:
+        raise ValueError(f"params must be a StageParams, a mapping or None, got {type(params).__name__}")
+
+
+def get_stage_params() -> StageParams:
+    """The configured stage parameters: :func:`set_stage_params`, else ``$OPD_VERL_STAGE_PARAMS``, else defaults."""
+    if _STAGE_PARAMS is not None:
+        return _STAGE_PARAMS
+    raw = os.environ.get(STAGE_PARAMS_ENV)
+    if raw:
+        try:
+            mapping = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{STAGE_PARAMS_ENV} must hold a JSON object like the opd: section: {err}") from err
+        return StageParams.from_config(mapping)
+    return StageParams()
+
+
+def stage_params_for(name: str, configured: StageParams | None = None) -> StageParams:
+    """Stage parameters a registered name stands for.
+
+    - ``opd``: signal opd, no weighting, no release.
+    - ``gopd``: signal gopd with the configured ``signal.lam`` (1 unless configured).
+    - ``exopd``: signal gopd with the configured ``signal.lam`` when it is > 1, else 1.25 (paper default).
+    - ``iw_opd``: signal opd, IW weighting with the configured ``weighting.w_max``.
+    - ``prefix_release``: signal opd, the release rule with the configured ``release.*`` (enabled).
+    - ``opd_pipeline``: the configured stages as they are (section 6 composition).
+    The configured ``task_coef`` applies to every name.
+    """
+    p = configured if configured is not None else get_stage_params()
+    if name == "opd_pipeline":
+        return p
+    rel_off = {**vars(p.release), "enabled": False}
+    if name == "opd":
+        return StageParams(signal={"name": "opd"}, release=rel_off, task_coef=p.task_coef)
+    if name == "gopd":
+        return StageParams(signal={"name": "gopd", "lam": p.signal.lam}, release=rel_off, task_coef=p.task_coef)
+    if name == "exopd":
+        lam = p.signal.lam if p.signal.lam > 1.0 else EXOPD_DEFAULT_LAM
+        return StageParams(signal={"name": "gopd", "lam": lam}, release=rel_off, task_coef=p.task_coef)
+    if name == "iw_opd":
+        weighting = {**vars(p.weighting), "name": "iw", "anneal": False}
+        return StageParams(signal={"name": "opd"}, weighting=weighting, release=rel_off, task_coef=p.task_coef)
+    if name == "prefix_release":
+        rel_on = {**vars(p.release), "enabled": True}
+        return StageParams(signal={"name": "opd"}, release=rel_on, task_coef=p.task_coef)
+    raise ValueError(f"name must be one of {list(ESTIMATOR_NAMES)}, got {name!r}")
+
+
+def advantages_for(
+    name: str,
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    sentence_ids: torch.Tensor | None = None,
+    margins: torch.Tensor | None = None,
+    task_advantages: torch.Tensor | None = None,
+    lam: float | torch.Tensor | None = None,
+    step: int | None = None,
+    total_steps: int | None = None,
+    params: StageParams | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`(B, T)` advantages and metrics of a registered name (see :func:`stage_params_for`)."""
+    stage = stage_params_for(name, params)
+    if stage.signal.name != "gopd":
+        lam = None
+    return compose_advantages(
+        student_logprobs,
+        teacher_logprobs,
+        response_mask,
+        params=stage,
+        ref_logprobs=ref_logprobs,
+        sentence_ids=sentence_ids,
+        margins=margins,
+        task_advantages=task_advantages,
+        step=step,
+        total_steps=total_steps,
+        lam=lam,
+    )
+
+
+def make_adv_estimator(name: str):
+    """Advantage estimator for ``register_adv_est(name)``; returns ``(advantages, returns)`` like veRL's."""
+
+    def estimator(
+        token_level_rewards: torch.Tensor,
+        response_mask: torch.Tensor,
+        config: Any = None,
+        index: Any = None,
+        *,
+        student_logprobs: torch.Tensor | None = None,
+        teacher_logprobs: torch.Tensor | None = None,
+        ref_logprobs: torch.Tensor | None = None,
+        sentence_ids: torch.Tensor | None = None,
+        margins: torch.Tensor | None = None,
+        lam: float | torch.Tensor | None = None,
+        step: int | None = None,
+        total_steps: int | None = None,
+        params: StageParams | None = None,
+        metrics: dict | None = None,
+        **unused: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if student_logprobs is None or teacher_logprobs is None:
+            raise ValueError(
+                f"adv_estimator={name!r} needs student_logprobs and teacher_logprobs, which veRL's compute_advantage "
+                "does not pass: use the opd_verl trainer (it calls this estimator with them), or call "
+                "opd_verl.objectives directly from your trainer's advantage step"
+            )
+        stage = stage_params_for(name, params)
+        task = None
+        if stage.task_coef != 0.0:
+            if index is None:
+                raise ValueError(f"adv_estimator={name!r} with task_coef != 0 needs index (the rollout uid groups)")
+            from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+            task, _ = compute_grpo_outcome_advantage(token_level_rewards, response_mask, index)
+        adv, adv_metrics = advantages_for(
+            name,
+            student_logprobs,
+            teacher_logprobs,
+            response_mask,
+            ref_logprobs=ref_logprobs,
+            sentence_ids=sentence_ids,
+            margins=margins,
+            task_advantages=task,
+            lam=lam,
+            step=step,
+            total_steps=total_steps,
+            params=params,
+        )
+        if metrics is not None:
+            metrics.update(adv_metrics)
+        return adv, adv
+
+    estimator.__name__ = f"compute_{name}_advantage"
+    estimator.__qualname__ = estimator.__name__
+    estimator.__doc__ = (
+        f"opd_verl advantage estimator {name!r} (see opd_verl.integration.adapters.stage_params_for); needs the "
+        "extra keyword tensors student_logprobs/teacher_logprobs[/ref_logprobs/sentence_ids/margins] `(B, T)`."
+    )
+    return estimator
+
+
+def _padded(value: torch.Tensor | None, fill: float = 0.0) -> torch.Tensor | None:
+    if value is None:
+        return None
+    return value.to_padded_tensor(fill) if value.is_nested else value
+
+
+def make_distillation_loss(name: str):
+    """Distillation loss (estimator mode) for ``register_distillation_loss``: per-token losses ``-A`` `(B, T)`."""
+
+    def loss_fn(config: Any, distillation_config: Any, model_output: dict, data: Any) -> tuple[torch.Tensor, dict]:
+        from verl.workers.utils.padding import no_padding_2_padding
+
+        if "teacher_logprobs" not in data.keys():
+            raise ValueError(
+                f"distillation loss_mode={name!r} needs teacher_logprobs of the sampled tokens in the batch"
+            )
+        teacher = no_padding_2_padding(data["teacher_logprobs"], data)
+        if teacher.dim() == 3:
+            if teacher.shape[-1] != 1:
+                raise ValueError(
+                    f"distillation loss_mode={name!r} needs the teacher's log-prob of the sampled token (estimator "
+                    f"mode, one value per token), got teacher_logprobs with {teacher.shape[-1]} per token"
+                )
+            teacher = teacher.squeeze(-1)
+        mask = _padded(data["response_mask"], 0).bool()
+        student = _padded(data["old_log_probs"])
+        keys = set(data.keys())
+        ref = _padded(data["ref_log_prob"]) if "ref_log_prob" in keys else None
+        sids = _padded(data["opd_sentence_ids"], 0) if "opd_sentence_ids" in keys else None
+        margins = _padded(data["opd_margins"]) if "opd_margins" in keys else None
+        lam = data["opd_lam"].reshape(-1).float() if "opd_lam" in keys else None
+        adv, metrics = advantages_for(
+            name,
+            student,
+            teacher,
+            mask,
+            ref_logprobs=ref,
+            sentence_ids=sids,
+            margins=margins,
+            lam=lam,
+        )
+        return -adv, metrics
+
+    loss_fn.__name__ = f"compute_{name}_distillation_loss"
+    loss_fn.__qualname__ = loss_fn.__name__
+    loss_fn.__doc__ = (
+        f"opd_verl distillation loss {name!r}: -A per token from data's old_log_probs, teacher_logprobs "
+        "(sampled token), ref_log_prob and optional opd_sentence_ids/opd_margins/opd_lam. Use with "
+        "use_policy_gradient=true so veRL's wrapper optimises PPO-clip with advantages A."
+    )
+    return loss_fn
+
+
+def opsd_gjsd_logits_processor(
+    student_logits: torch.Tensor,
+    data: Any,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    pointwise_clip: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Top-k generalized JSD per token from the student logits and the teacher's top-k (veRL thd layout).
+
+    Args:
+        student_logits: `(1, total_nnz, V)` packed student logits (veRL's logits-processor input).
+        data: micro-batch with nested ``teacher_logprobs`` / ``teacher_ids`` `(B, seq_i, k)`.
+
+    Returns:
+        ``{"distillation_losses": (1, total_nnz)}`` float32.
+    """
+    t_lp = data["teacher_logprobs"]
+    t_ids = data["teacher_ids"]
+    t_lp = (t_lp.values() if t_lp.is_nested else t_lp.reshape(-1, t_lp.shape[-1])).unsqueeze(0)
+    t_ids = (t_ids.values() if t_ids.is_nested else t_ids.reshape(-1, t_ids.shape[-1])).unsqueeze(0)
+    if t_lp.shape[:2] != student_logits.shape[:2]:
+        raise ValueError(
+            f"teacher top-k {tuple(t_lp.shape)} does not match student logits {tuple(student_logits.shape)} "
+            "(sequence parallelism is not supported by opsd_gjsd)"
+        )
+    losses = topk_generalized_jsd(
+        student_logits,
+        beta=beta,
+        temperature=temperature,
+        pointwise_clip=pointwise_clip,
+        teacher_topk_values=t_lp,
+        teacher_topk_ids=t_ids,
+    )
+    return {"distillation_losses": losses}
+
+
+def opsd_gjsd_distillation_loss(config: Any, distillation_config: Any, model_output: dict, data: Any):
+    """Registered top-k distillation loss ``opsd_gjsd``: the per-token GJSD computed by the logits processor.
+
+    Returns:
+        `(B, T)` per-token losses (response layout) and metrics.
+    """
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    if "distillation_losses" not in model_output:
+        raise ValueError(
+            "loss_mode='opsd_gjsd' needs the per-token GJSD from its logits processor: install "
+            "opd_verl.integration.adapters.make_opsd_gjsd_loss_fn(...) with actor_rollout_wg.set_loss_fn"
+        )
+    losses = no_padding_2_padding(model_output["distillation_losses"], data)
+    mask = _padded(data["response_mask"], 0).bool()
+    valid = losses[mask]
+    metrics = {"opsd/gjsd": float(valid.mean()) if valid.numel() else 0.0}
+    return losses, metrics
+
+
+def make_opsd_gjsd_loss_fn(
+    actor_config: Any,
+    distillation_config: Any,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    pointwise_clip: float | None = None,
+):
+    """Worker loss function for ``set_loss_fn`` in veRL's dual convention (logits processor / final loss).
+
+    Requires ``distillation_config.distillation_loss.loss_mode == "opsd_gjsd"`` (top-k mode). With
+    ``use_policy_gradient=false`` the GJSD is back-propagated directly (token-mean), as OPSD does.
+    """
+    from verl.trainer.distillation.losses import distillation_ppo_loss
+
+    mode = distillation_config.distillation_loss.loss_mode
+    if mode != "opsd_gjsd":
+        raise ValueError(f"distillation.distillation_loss.loss_mode must be 'opsd_gjsd', got {mode!r}")
+
+    def loss_fn(model_output=None, data=None, dp_group=None, student_logits=None, data_format="thd"):
+        if student_logits is not None:
+            return opsd_gjsd_logits_processor(student_logits, data, beta, temperature, pointwise_clip)
+        return distillation_ppo_loss(actor_config, distillation_config, model_output, data, dp_group)
+
+    return loss_fn
