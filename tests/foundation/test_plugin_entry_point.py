@@ -1,0 +1,54 @@
+"""veRL discovers the plugin through its `verl.plugins` entry point, and a failed registration is reported loudly
+(veRL itself logs plugin failures only at DEBUG)."""
+
+import json
+import os
+import subprocess
+import sys
+
+SNAPSHOT = """
+import json
+import verl  # loads entry points; nothing from opd_verl is imported explicitly before the snapshot
+from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
+from verl.trainer.distillation.losses import DISTILLATION_LOSS_REGISTRY
+present = {"adv_estimator": sorted(ADV_ESTIMATOR_REGISTRY), "distillation_loss": sorted(DISTILLATION_LOSS_REGISTRY)}
+from opd_verl.integration.registry import REGISTERED_NAMES
+print(json.dumps({"present": present, "ours": REGISTERED_NAMES}))
+"""
+
+
+def _run(code: str, **env):
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=full_env)
+
+
+def test_entry_point_registers_every_name_in_verl_registries():
+    out = _run(SNAPSHOT, VERL_USE_EXTERNAL_PLUGINS="opd_verl")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["ours"]) == {"adv_estimator", "distillation_loss"}
+    for kind, names in result["ours"].items():
+        assert names, kind
+        missing = set(names) - set(result["present"][kind])
+        assert not missing, f"{kind}: {sorted(missing)} not registered through the entry point"
+
+
+def test_without_the_entry_point_nothing_is_registered():
+    # The control for the test above: with plugin discovery off, veRL's registries lack the names.
+    out = _run(SNAPSHOT, VERL_USE_EXTERNAL_PLUGINS="none")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for kind, names in result["ours"].items():
+        assert not set(names) & set(result["present"][kind]), kind
+
+
+def test_failed_registration_is_reported_on_stderr():
+    code = """
+from verl.trainer.ppo import core_algos
+core_algos.ADV_ESTIMATOR_REGISTRY["exopd"] = lambda **kwargs: None  # a foreign estimator under our name
+import opd_verl.integration.plugin
+"""
+    out = _run(code, VERL_USE_EXTERNAL_PLUGINS="none")
+    assert out.returncode != 0
+    assert "opd_verl: registering the plugin in veRL failed" in out.stderr
+    assert "exopd" in out.stderr
