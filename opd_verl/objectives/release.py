@@ -172,42 +172,44 @@ def release(
     batch, length = response_mask.shape
     mask = response_mask.bool()
     zero32 = torch.zeros((), dtype=torch.float32, device=device)
-    adv = torch.where(mask, advantages.detach().float(), zero32)
-    marg = torch.where(mask, margins.detach().double(), torch.zeros((), dtype=torch.float64, device=device))
-    check_finite_at_valid("margins", marg, mask)
-    check_finite_at_valid("advantages", adv, mask)
+    with torch.no_grad():
+        marg = torch.where(mask, margins.double(), torch.zeros((), dtype=torch.float64, device=device))
 
-    # step 2: compact sentence index of every valid token (ids may skip values; only order matters)
-    ids = sentence_ids.long()
-    if bool((mask & (ids < 0)).any()):
-        raise ValueError("sentence_ids must be >= 0 on valid tokens")
-    running = torch.where(mask, ids, torch.full((), -1, dtype=torch.int64, device=device)).cummax(dim=-1).values
-    prev = torch.cat([torch.full((batch, 1), -1, dtype=torch.int64, device=device), running[:, :-1]], dim=-1)
-    if bool((mask & (ids < prev)).any()):
-        raise ValueError("sentence_ids must be non-decreasing over the valid tokens of each row")
-    starts = mask & (ids > prev)
-    compact = starts.long().cumsum(dim=-1) - 1
-    n_sent = starts.sum(dim=-1)
-    width = max(int(n_sent.max()) if batch else 0, 1)
-    slot = torch.where(mask, compact, torch.zeros((), dtype=torch.int64, device=device))
-    sums = torch.zeros(batch, width, dtype=torch.float64, device=device).scatter_add_(1, slot, marg)
-    counts = torch.zeros(batch, width, dtype=torch.float64, device=device).scatter_add_(1, slot, mask.double())
-    x = sums / counts.clamp_min(1.0)
+        # step 2: compact sentence index of every valid token (ids may skip values; only order matters)
+        ids = sentence_ids.long()
+        minus_one = torch.full((), -1, dtype=torch.int64, device=device)
+        running = torch.where(mask, ids, minus_one).cummax(dim=-1).values
+        prev = torch.nn.functional.pad(running[:, :-1], (1, 0), value=-1)
+        if bool((mask & ((ids < prev) | (ids < 0))).any()):
+            raise ValueError("sentence_ids must be >= 0 and non-decreasing over the valid tokens of each row")
+        starts = mask & (ids > prev)
+        # non-decreasing along each row (-1 before the first valid token)
+        compact = starts.long().cumsum(dim=-1) - 1
+        n_sent = compact[:, -1] + 1 if length else torch.zeros(batch, dtype=torch.int64, device=device)
+        width = max(int(n_sent.max()) if batch else 0, 1)
+        slot = compact.clamp_min(0)
+        sums = torch.zeros(batch, width, dtype=torch.float64, device=device).scatter_add_(1, slot, marg)
+        counts = torch.zeros(batch, width, dtype=torch.float64, device=device).scatter_add_(1, slot, mask.double())
+        if not bool(torch.isfinite(sums).all()):
+            check_finite_at_valid("margins", marg, mask)
+        x = sums / counts.clamp_min(1.0)
 
-    # step 3: change point per row
-    cp = _change_points(x, n_sent, min_segment, float(penalty), float(min_gain))
+        # step 3: change point per row
+        cp = _change_points(x, n_sent, min_segment, float(penalty), float(min_gain))
 
-    # step 4: first token of sentence tau*
-    positions = torch.arange(length, device=device)
-    first_tok = torch.where(starts & (compact == cp.tau[:, None]), positions[None, :], length).min(dim=-1).values
-    release_index = torch.where(cp.accepted, first_tok, torch.full_like(first_tok, length))
+        # step 4: first token of sentence tau* = number of positions before it (compact is non-decreasing)
+        first_tok = (compact < cp.tau[:, None]).sum(dim=-1)
+        release_index = torch.where(cp.accepted, first_tok, torch.full_like(first_tok, length))
 
-    # step 5: keep the prefix, rescale it to the row's loss mass
-    kept = positions[None, :] < release_index[:, None]
-    n_valid = mask.sum(dim=-1)
-    n_kept = (mask & kept).sum(dim=-1)
-    scale = n_valid.float() / n_kept.clamp_min(1).float()
-    out = torch.where(kept & mask, adv * scale[:, None], zero32)
+        # step 5: keep the prefix, rescale it to the row's loss mass
+        positions = torch.arange(length, device=device)
+        kept = mask & (positions[None, :] < release_index[:, None])
+        n_valid = mask.sum(dim=-1)
+        n_kept = kept.sum(dim=-1)
+        scale = n_valid.float() / n_kept.clamp_min(1).float()
+        out = torch.where(kept, advantages.float() * scale[:, None], zero32)
+        if not bool(torch.isfinite(out).all()):
+            check_finite_at_valid("advantages", torch.where(mask, advantages.float(), zero32), mask)
     return ReleaseResult(out, release_index, cp.accepted, cp.gain, n_sent, n_valid, n_kept)
 
 

@@ -38,9 +38,13 @@ def check_finite_at_valid(name: str, values: torch.Tensor, mask: torch.Tensor) -
         raise ValueError(f"{name} has NaN/inf at {int(bad.sum())} valid response tokens (rows {rows})")
 
 
-def _masked_f32(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`(B, T)` float32 copy of ``values`` with 0 where ``mask`` is false."""
-    return torch.where(mask, values.detach().float(), torch.zeros((), dtype=torch.float32, device=values.device))
+def _finalize(raw: torch.Tensor, mask: torch.Tensor, what: str) -> torch.Tensor:
+    """0 where ``mask`` is false (whatever ``raw`` holds there: -inf/NaN at padding are fine); raise on NaN/inf
+    at a valid position."""
+    out = torch.where(mask, raw, torch.zeros((), dtype=raw.dtype, device=raw.device))
+    if not bool(torch.isfinite(out).all()):
+        check_finite_at_valid(what, out, mask)
+    return out
 
 
 def discrepancy(
@@ -57,10 +61,9 @@ def discrepancy(
         `(B, T)` float32, detached.
     """
     check_same_shape(response_mask, student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs)
-    mask = response_mask.bool()
-    out = _masked_f32(teacher_logprobs, mask) - _masked_f32(student_logprobs, mask)
-    check_finite_at_valid("teacher_logprobs - student_logprobs", out, mask)
-    return out
+    with torch.no_grad():
+        raw = teacher_logprobs.float() - student_logprobs.float()
+        return _finalize(raw, response_mask.bool(), "teacher_logprobs - student_logprobs")
 
 
 def opd_advantages(
@@ -120,29 +123,26 @@ def gopd_advantages(
     )
     lam = _check_lam(lam, response_mask.shape[0])
     mask = response_mask.bool()
-    student = _masked_f32(student_logprobs, mask)
-    teacher = _masked_f32(teacher_logprobs, mask)
-    if isinstance(lam, float):
-        if lam == 1.0:
-            out = teacher - student
-            check_finite_at_valid("teacher_logprobs - student_logprobs", out, mask)
-            return out
+    what = "G-OPD advantage (teacher/ref/student log-probs)"
+    with torch.no_grad():
+        student = student_logprobs.float()
+        teacher = teacher_logprobs.float()
+        if isinstance(lam, float):
+            if lam == 1.0:
+                return _finalize(teacher - student, mask, "teacher_logprobs - student_logprobs")
+            if ref_logprobs is None:
+                raise ValueError(f"lam={lam} != 1 needs ref_logprobs (a reference model's log-probs); got None")
+            raw = torch.add(teacher * lam, ref_logprobs.float(), alpha=1.0 - lam).sub_(student)
+            return _finalize(raw, mask, what)
+        lam = lam.to(student.device)
+        ext = lam[:, None] != 1.0
         if ref_logprobs is None:
-            raise ValueError(f"lam={lam} != 1 needs ref_logprobs (a reference model's log-probs); got None")
-        ref = _masked_f32(ref_logprobs, mask)
-        out = lam * teacher + (1.0 - lam) * ref - student
-        check_finite_at_valid("G-OPD advantage (teacher/ref/student log-probs)", out, mask)
-        return out
-    lam = lam.to(student.device)
-    ext = lam[:, None] != 1.0
-    if ref_logprobs is None:
-        if bool(ext.any()):
-            raise ValueError(f"lam != 1 in some rows ({lam.tolist()}) needs ref_logprobs; got None")
-        ref = torch.zeros_like(student)
-    else:
-        ref = _masked_f32(ref_logprobs, mask & ext)
-    out = lam[:, None] * teacher + (1.0 - lam[:, None]) * ref - student
-    # rows with lam == 1 are OPD exactly (no rounding through lam * teacher + 0 * ref)
-    out = torch.where(ext, out, teacher - student)
-    check_finite_at_valid("G-OPD advantage (teacher/ref/student log-probs)", out, mask)
-    return out
+            if bool(ext.any()):
+                raise ValueError(f"lam != 1 in some rows ({lam.tolist()}) needs ref_logprobs; got None")
+            ref = torch.zeros_like(student)
+        else:
+            ref = torch.where(mask & ext, ref_logprobs.float(), torch.zeros((), device=student.device))
+        raw = lam[:, None] * teacher + (1.0 - lam[:, None]) * ref - student
+        # rows with lam == 1 are OPD exactly (no rounding through lam * teacher + 0 * ref)
+        raw = torch.where(ext, raw, teacher - student)
+        return _finalize(raw, mask, what)

@@ -55,13 +55,16 @@ def iw_opd_weights(discrepancy: torch.Tensor, response_mask: torch.Tensor, w_max
     w_max = _check_number("w_max", w_max, 1.0)
     mask = response_mask.bool()
     zero = torch.zeros((), dtype=torch.float32, device=discrepancy.device)
-    d = torch.where(mask, discrepancy.detach().float(), zero)
-    check_finite_at_valid("discrepancy", d, mask)
-    d = d.abs()
-    prefix = d.cumsum(dim=-1) - d
-    frac = prefix / (d.sum(dim=-1, keepdim=True) + _IW_EPS)
-    weights = 1.0 + (w_max - 1.0) * (1.0 - frac).clamp(0.0, 1.0)
-    return torch.where(mask, weights, zero)
+    with torch.no_grad():
+        d = torch.where(mask, discrepancy.float(), zero).abs_()
+        csum = d.cumsum(dim=-1)
+        total = csum[:, -1:].clone() if csum.shape[-1] else csum.sum(dim=-1, keepdim=True)
+        if not bool(torch.isfinite(total).all()):
+            check_finite_at_valid("discrepancy", d, mask)
+        # exclusive prefix fraction F_{t-1} = (cumsum(d)_t - d_t) / (sum(d) + eps)
+        frac = csum.sub_(d).div_(total + _IW_EPS)
+        weights = frac.neg_().add_(1.0).clamp_(0.0, 1.0).mul_(w_max - 1.0).add_(1.0)
+        return torch.where(mask, weights, zero)
 
 
 def iw_opd_advantages(
@@ -85,8 +88,8 @@ def iw_opd_advantages(
     check_same_shape(response_mask, advantages=advantages, discrepancy=discrepancy)
     weights = iw_opd_weights(advantages if discrepancy is None else discrepancy, response_mask, w_max)
     mask = response_mask.bool()
-    signal = torch.where(mask, advantages.detach().float(), torch.zeros((), device=advantages.device))
-    return weights * signal
+    with torch.no_grad():
+        return torch.where(mask, advantages.float(), torch.zeros((), device=advantages.device)).mul_(weights)
 
 
 def _valid_rank_and_count(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,7 +95,8 @@ def test_chunked_equals_unchunked(chunk_size, beta, clip):
     torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-7)
     (full * weights).sum().backward()
     (chunked * weights).sum().backward()
-    torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-6, atol=1e-7)
+    # the chunked backward is closed-form: equal to autograd through the unchunked graph up to float32 rounding
+    torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_chunked_gradcheck_float64():
@@ -131,7 +132,7 @@ def test_chunked_property(n, v, chunk, beta, seed):
     assert torch.isfinite(a).all() and (a >= -1e-5).all()
     a.sum().backward()
     b.sum().backward()
-    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_input_computed_in_float32():
@@ -144,14 +145,19 @@ def test_bf16_input_computed_in_float32():
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9])
-def test_neg_inf_teacher_logits_finite_loss_and_grad(beta):
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_neg_inf_teacher_logits_finite_loss_and_grad(beta, clip):
     student = torch.randn(3, 6, requires_grad=True)
     teacher = torch.randn(3, 6)
     teacher[:, -2:] = float("-inf")  # e.g. padded vocabulary entries
-    out = generalized_jsd(student, teacher, beta=beta, chunk_size=2)
+    out = generalized_jsd(student, teacher, beta=beta, pointwise_clip=clip, chunk_size=2)
     assert torch.isfinite(out).all()
     out.sum().backward()
     assert torch.isfinite(student.grad).all()
+    # same gradient as autograd through the unchunked computation
+    other = student.detach().clone().requires_grad_(True)
+    generalized_jsd(other, teacher, beta=beta, pointwise_clip=clip).sum().backward()
+    torch.testing.assert_close(student.grad, other.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_neg_inf_teacher_reverse_kl_is_inf_not_nan():
