@@ -30,10 +30,19 @@ def launch(cfg: DictConfig, opd: OPDConfig) -> None:
     from verl.utils.device import auto_set_device
 
     import opd_verl.integration.plugin  # noqa: F401  (registers the estimators in this process too)
+    from opd_verl.cpu.activate import is_active as cpu_shims_active
 
     auto_set_device(cfg)
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    if cpu_shims_active():
+        from opd_verl.cpu.ray_setup import check_cpu_runtime
+
+        check_cpu_runtime(cfg)
     run_ppo(cfg, task_runner_class=TaskRunnerV1)
+    if cpu_shims_active() and str(cfg.opd.get("cpu_demo", "")) == "true":
+        from opd_verl.cpu.summary import summarize_run
+
+        summarize_run(cfg)
 
 
 def run(cfg: DictConfig) -> None:

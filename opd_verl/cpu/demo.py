@@ -1,0 +1,232 @@
+"""The CPU demo preset: point a composed config at the locally built demo and at veRL's CPU settings.
+
+`maybe_apply_cpu_demo(cfg)` reads `opd.cpu_demo` (auto | true | false). With `auto` the preset applies when no CUDA
+device is present; with `true` always; with `false` never. The preset
+
+- builds (once, cached under the user's cache dir) the addition data set, a fresh tiny student and an SFT-trained
+  tiny teacher (`opd_verl.cpu.assets`),
+- points data, student, teacher (both `opd.teachers.models.default.path` and veRL's built-in
+  `distillation.teacher_models`) and the reward function at them,
+- applies the settings veRL's trainer needs on CPU (strategy fsdp2, sdpa attention, no remove-padding, fp32,
+  `hf` rollout, gloo, logical Ray GPUs, one TransferQueue storage unit) and small batch sizes and lengths,
+- sends per-step metrics to the console and to `<run dir>/metrics.jsonl` (for the end-of-run summary and plot).
+
+Values the user gave on the command line for the demo's tunables (`trainer.total_training_steps`, batch sizes, lr,
+lengths) win over the preset; the recipe's values for those (sized for GPU runs) do not. CPU-mandatory settings
+always apply.
+"""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from opd_verl.cpu import task
+
+DEMO_EXPERIMENT_PREFIX = "cpu_demo"
+TRUE_VALUES = ("true", "1", "yes", "on")
+FALSE_VALUES = ("false", "0", "no", "off")
+
+# Sizes of the demo run (2-core CPU; ~5-10 s a step after start-up).
+DEMO_DEFAULTS = {
+    "data.train_batch_size": 16,
+    "data.max_prompt_length": 32,
+    "data.max_response_length": 8,
+    "actor_rollout_ref.rollout.n": 2,
+    "actor_rollout_ref.actor.ppo_mini_batch_size": 16,
+    "actor_rollout_ref.actor.optim.lr": 3.0e-3,
+    "trainer.total_training_steps": 30,
+}
+
+
+def cpu_demo_mode(cfg: DictConfig) -> str:
+    """`opd.cpu_demo` normalised to auto | true | false; a clear error for anything else."""
+    value = OmegaConf.select(cfg, "opd.cpu_demo", default="auto")
+    text = str(value).strip().lower()
+    if text in TRUE_VALUES:
+        return "true"
+    if text in FALSE_VALUES:
+        return "false"
+    if text == "auto":
+        return "auto"
+    raise ValueError(f"opd.cpu_demo must be one of auto, true, false; got {value!r}")
+
+
+def cuda_present() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def demo_wanted(cfg: DictConfig) -> bool:
+    mode = cpu_demo_mode(cfg)
+    return mode == "true" or (mode == "auto" and not cuda_present())
+
+
+def maybe_apply_cpu_demo(cfg: DictConfig) -> DictConfig:
+    """Apply the CPU demo preset when `opd.cpu_demo` asks for it (see module doc); otherwise return cfg unchanged."""
+    if not demo_wanted(cfg):
+        return cfg
+    return apply_cpu_demo(cfg)
+
+
+def _set(cfg: DictConfig, key: str, value) -> None:
+    OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+
+
+def command_line_keys() -> set[str]:
+    """Config keys the user set on the command line (Hydra overrides), empty outside a Hydra app."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task
+    except Exception:  # noqa: BLE001 - not running under Hydra
+        return set()
+    keys = set()
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key and not key.startswith("recipe"):
+            keys.add(key)
+    return keys
+
+
+def _set_default(cfg: DictConfig, key: str, value, user_keys: set[str]) -> None:
+    """Set `key` unless the user set it on the command line (recipe values for GPU runs are replaced)."""
+    if key not in user_keys:
+        _set(cfg, key, value)
+
+
+def run_dir_of(cfg: DictConfig) -> str:
+    """Absolute directory of the run (veRL's `trainer.default_local_dir`): checkpoints, metrics, summary, plot."""
+    return os.path.abspath(os.path.expanduser(str(cfg.trainer.default_local_dir)))
+
+
+def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
+    """Return `cfg` pointed at the demo assets with every setting veRL's trainer needs on a CPU machine.
+
+    Args:
+        cfg: composed config (veRL's ppo_trainer + opd section + recipe). Modified in place and returned.
+        assets: `opd_verl.cpu.assets.DemoAssets`; built or loaded from the cache when None.
+    """
+    from opd_verl.cpu.assets import ensure_demo_assets
+    from opd_verl.cpu.ray_setup import apply_cpu_runtime
+
+    if assets is None:
+        assets = ensure_demo_assets()
+    user_keys = command_line_keys()
+
+    with open_dict(cfg):
+        # Demo data, models and reward.
+        _set(cfg, "data.train_files", assets.train_file)
+        _set(cfg, "data.val_files", assets.val_file)
+        _set(cfg, "data.prompt_key", "prompt")
+        _set(cfg, "data.dataloader_num_workers", 0)
+        _set(cfg, "data.filter_overlong_prompts", False)
+        _set(cfg, "data.truncation", "error")
+        _set(cfg, "actor_rollout_ref.model.path", assets.student_path)
+        _set(cfg, "opd.teachers.models.default.path", assets.teacher_path)
+        _set(cfg, "reward.custom_reward_function.path", os.path.abspath(task.__file__))
+        _set(cfg, "reward.custom_reward_function.name", "compute_score")
+        _set(cfg, "reward.num_workers", 1)
+        for key, value in DEMO_DEFAULTS.items():
+            _set_default(cfg, key, value, user_keys)
+        _set(cfg, "data.val_batch_size", 64)
+
+        # Model / engine settings veRL needs on CPU.
+        model = "actor_rollout_ref.model"
+        _set(cfg, f"{model}.use_remove_padding", False)
+        _set(cfg, f"{model}.enable_gradient_checkpointing", False)
+        _set(cfg, f"{model}.override_config.attn_implementation", "sdpa")
+        _set(cfg, f"{model}.use_fused_kernels", False)
+        for role in ("actor", "ref"):
+            _set(cfg, f"actor_rollout_ref.{role}.strategy", "fsdp2")
+            _set(cfg, f"actor_rollout_ref.{role}.use_torch_compile", False)
+            _set(cfg, f"actor_rollout_ref.{role}.fsdp_config.use_torch_compile", False)
+            _set(cfg, f"actor_rollout_ref.{role}.fsdp_config.param_offload", False)
+            _set(cfg, f"actor_rollout_ref.{role}.fsdp_config.dtype", "float32")
+            _set(cfg, f"actor_rollout_ref.{role}.fsdp_config.model_dtype", "fp32")
+        _set(cfg, "actor_rollout_ref.actor.fsdp_config.optimizer_offload", False)
+        _set(cfg, "actor_rollout_ref.actor.use_dynamic_bsz", False)
+        _set(cfg, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", 16)
+        _set(cfg, "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", 32)
+        _set(cfg, "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio", 0.0)
+        _set(cfg, "actor_rollout_ref.actor.optim.weight_decay", 0.0)
+
+        # Rollout: HF generate server, one replica on the single trainer worker.
+        rollout = "actor_rollout_ref.rollout"
+        _set(cfg, f"{rollout}.name", "hf")
+        _set(cfg, f"{rollout}.mode", "async")
+        _set(cfg, f"{rollout}.tensor_model_parallel_size", 1)
+        _set(cfg, f"{rollout}.data_parallel_size", 1)
+        _set(cfg, f"{rollout}.pipeline_model_parallel_size", 1)
+        _set(cfg, f"{rollout}.dtype", "float32")
+        _set(cfg, f"{rollout}.load_format", "auto")
+        _set(cfg, f"{rollout}.free_cache_engine", False)
+        _set(cfg, f"{rollout}.enforce_eager", True)
+        _set(cfg, f"{rollout}.log_prob_micro_batch_size_per_gpu", 32)
+        _set(cfg, f"{rollout}.agent.num_workers", 1)
+        _set(cfg, f"{rollout}.max_num_seqs", 64)
+        _set(cfg, f"{rollout}.max_num_batched_tokens", 4096)
+        _set(cfg, f"{rollout}.checkpoint_engine.backend", "naive")
+
+        # veRL's built-in distillation (sampled-token reverse KL through the policy gradient) with the HF teacher
+        # replica, used while the recipe's estimator is not available (see `use_builtin_distillation`).
+        if use_builtin_distillation(cfg):
+            dist = "distillation"
+            _set(cfg, f"{dist}.enabled", True)
+            _set(cfg, f"{dist}.n_gpus_per_node", 1)
+            _set(cfg, f"{dist}.nnodes", 1)
+            _set(cfg, f"{dist}.teacher_models.teacher_model.model_path", assets.teacher_path)
+            _set(cfg, f"{dist}.teacher_models.teacher_model.inference.name", "hf")
+            _set(cfg, f"{dist}.teacher_models.teacher_model.inference.tensor_model_parallel_size", 1)
+            _set(cfg, f"{dist}.teacher_models.teacher_model.inference.dtype", "float32")
+            _set(cfg, f"{dist}.distillation_loss.loss_mode", "k1")
+            _set(cfg, f"{dist}.distillation_loss.use_policy_gradient", True)
+            _set(cfg, f"{dist}.distillation_loss.use_task_rewards", False)
+            _set(cfg, "algorithm.adv_estimator", "grpo")
+            # veRL 0.9.1's policy-gradient distillation path passes `rollout_is_weights` on as a nested tensor,
+            # which its loss aggregation cannot mask: no rollout importance weights with the built-in loss.
+            _set(cfg, "algorithm.rollout_correction.rollout_is", None)
+
+        # Trainer: one CPU "GPU" worker, console + file metrics, checkpoints in the run dir.
+        _set(cfg, "trainer.device", "cpu")
+        _set(cfg, "trainer.nnodes", 1)
+        _set(cfg, "trainer.n_gpus_per_node", 1)
+        _set(cfg, "trainer.logger", ["console", "file"])
+        _set(cfg, "trainer.val_before_train", False)
+        _set_default(cfg, "trainer.test_freq", -1, user_keys)
+        _set_default(cfg, "trainer.save_freq", -1, user_keys)
+        _set(cfg, "trainer.balance_batch", False)
+        _set(cfg, "trainer.v1.trainer_mode", "sync")
+        experiment = str(OmegaConf.select(cfg, "trainer.experiment_name", default="run"))
+        if not experiment.startswith(DEMO_EXPERIMENT_PREFIX):
+            _set(cfg, "trainer.experiment_name", f"{DEMO_EXPERIMENT_PREFIX}_{experiment}")
+        _set(cfg, "trainer.default_local_dir", run_dir_of(cfg))
+        _set(cfg, "opd.cpu_demo", "true")
+
+    apply_cpu_runtime(cfg, metrics_file=os.path.join(run_dir_of(cfg), "metrics.jsonl"))
+    return cfg
+
+
+PLUGIN_TRAINER_MODULE = "opd_verl.trainer.opd_trainer"
+
+
+def plugin_trainer_available() -> bool:
+    """True when the plugin's trainer (which hands teacher/reference log-probs to its estimators) is installed."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(PLUGIN_TRAINER_MODULE) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def use_builtin_distillation(cfg: DictConfig) -> bool:
+    """True when the demo runs veRL's own distillation loss with the HF teacher replica.
+
+    That is the case while the plugin's trainer is not available, or when the recipe asks for veRL's teacher
+    servers (`opd.teachers.kind=server`).
+    """
+    kind = str(OmegaConf.select(cfg, "opd.teachers.kind", default="local"))
+    return kind == "server" or not plugin_trainer_available()
