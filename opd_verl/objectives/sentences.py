@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import weakref
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -122,27 +123,18 @@ def token_sentence_ids(token_ids, tokenizer: Any, split_newlines: bool = True) -
     if not token_ids:
         return []
     pieces = _token_pieces(token_ids, tokenizer)
-    text = "".join(pieces)
-    ends = _sentence_ends(text, split_newlines)
-    last = max(len(ends) - 1, 0)
-    out: list[int] = []
-    offset = 0
-    current = 0
-    for piece in pieces:
-        if piece:
-            # first character at `offset`: the sentence whose end is the first one beyond it
-            current = min(bisect.bisect_right(ends, offset), last)
-            offset += len(piece)
-        out.append(current)
+    lengths = [len(p) for p in pieces]
+    ends = _sentence_ends("".join(pieces), split_newlines)
+    # first character at offset o lies in the first sentence whose end is beyond o; the last sentence also takes
+    # any trailing whitespace, so search the ends without the last one
+    inner = ends[:-1]
+    offsets = accumulate(lengths, initial=0)
+    raw = [bisect.bisect_right(inner, off) if n else -1 for off, n in zip(offsets, lengths)]
+    # empty tokens (-1) join the sentence before them; ids are non-decreasing, so that is a running max
+    filled = list(accumulate(raw, max, initial=0))[1:]
     # renumber without gaps (a sentence can hold no token start, e.g. when one token spans two sentences)
-    compact: list[int] = []
-    prev, idx = None, -1
-    for sid in out:
-        if sid != prev:
-            idx += 1
-            prev = sid
-        compact.append(idx)
-    return compact
+    rank = {sid: i for i, sid in enumerate(sorted(set(filled)))}
+    return [rank[sid] for sid in filled]
 
 
 def sentence_spans(token_ids, tokenizer: Any, split_newlines: bool = True) -> list[tuple[int, int]]:
