@@ -214,7 +214,7 @@ def bench_sentences(args) -> None:
 
 def _forward_args(args) -> list[str]:
     out = ["--positions", str(args.positions), "--vocab", str(args.vocab), "--chunk-size", str(args.chunk_size)]
-    out += ["--beta", str(args.beta)]
+    out += ["--beta", str(args.beta), "--threads", str(args.threads)]
     if args.clip is not None:
         out += ["--clip", str(args.clip)]
     return out
@@ -235,9 +235,12 @@ def main() -> None:
     parser.add_argument("--seg-rows", type=int, default=64)
     parser.add_argument("--seg-len", type=int, default=4096)
     parser.add_argument("--seg-vocab", type=int, default=4000)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["pipeline", "gjsd", "sentences"])
     parser.add_argument("--memory-variant", choices=["chunked", "unchunked"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.memory_variant:
         gjsd_memory_child(args)
         return
