@@ -28,8 +28,9 @@ def test_wheel_install_prints_recipe_config(tmp_path):
     venv.EnvBuilder(with_pip=False).create(env_dir)
     py = env_dir / "bin" / "python"
     site = Path(
-        subprocess.check_output([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True)
-        .strip()
+        subprocess.check_output(
+            [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
     )
     # The wheel's own files go to the new venv; its dependencies (verl, torch, hydra) come from this environment,
     # appended after the new site-packages so the installed wheel, not the source tree, provides opd_verl.
