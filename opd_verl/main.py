@@ -7,10 +7,12 @@ composed config and starts nothing.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from opd_verl.config import OPDConfig, OPDConfigError, load_opd_config
 
@@ -20,6 +22,38 @@ def prepare(cfg: DictConfig) -> DictConfig:
     from opd_verl.cpu.demo import maybe_apply_cpu_demo
 
     return maybe_apply_cpu_demo(cfg)
+
+
+def validate_before_demo(cfg: DictConfig) -> None:
+    """Check the `opd` section before the CPU demo builds its assets (the teacher SFT takes a minute or two).
+
+    The demo supplies the teacher path itself, so the check runs on a copy that has a stand-in path for it.
+    """
+    from opd_verl.cpu.demo import demo_wanted
+
+    if not demo_wanted(cfg):
+        return
+    trial = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(trial):
+        OmegaConf.update(trial, "opd.teachers.models.default.path", "<cpu demo teacher>", force_add=True)
+    load_opd_config(trial)
+
+
+def install_preemption_handlers(cfg: DictConfig) -> None:
+    """USR1/TERM -> checkpoint at the next step boundary (opd_verl.trainer.preemption), also inside Ray actors.
+
+    The request travels through a flag file whose path Ray's workers inherit; without one from the launcher
+    (the Slurm script sets it), a fresh per-run path is used.
+    """
+    from opd_verl.trainer.preemption import FLAG_FILE_ENV, install_signal_handlers
+
+    if not os.environ.get(FLAG_FILE_ENV):
+        os.environ[FLAG_FILE_ENV] = os.path.join(tempfile.mkdtemp(prefix="opd_verl_"), "PREEMPT_REQUESTED")
+    with open_dict(cfg):
+        OmegaConf.update(
+            cfg, f"ray_kwargs.ray_init.runtime_env.env_vars.{FLAG_FILE_ENV}", os.environ[FLAG_FILE_ENV], force_add=True
+        )
+    install_signal_handlers()
 
 
 def launch(cfg: DictConfig, opd: OPDConfig) -> None:
@@ -38,6 +72,7 @@ def launch(cfg: DictConfig, opd: OPDConfig) -> None:
         from opd_verl.cpu.ray_setup import check_cpu_runtime
 
         check_cpu_runtime(cfg)
+    install_preemption_handlers(cfg)
     run_ppo(cfg, task_runner_class=TaskRunnerV1)
     if cpu_shims_active() and str(cfg.opd.get("cpu_demo", "")) == "true":
         from opd_verl.cpu.summary import summarize_run
@@ -47,6 +82,7 @@ def launch(cfg: DictConfig, opd: OPDConfig) -> None:
 
 def run(cfg: DictConfig) -> None:
     try:
+        validate_before_demo(cfg)
         cfg = prepare(cfg)
         opd = load_opd_config(cfg)
     except OPDConfigError as err:
