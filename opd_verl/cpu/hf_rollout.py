@@ -212,7 +212,9 @@ class HFRolloutServer:
                 ignore_eos=bool(sampling_params.get("ignore_eos", False)),
                 generator_seed=None if seed is None else int(seed),
             )
-        want_logprobs = bool(sampling_params.get("logprobs", False)) or sampling_params.get("logprobs") == 0
+        # veRL passes `logprobs` as a bool; an int (vLLM's count of extra top log-probs) also asks for them.
+        requested = sampling_params.get("logprobs", False)
+        want_logprobs = requested is not None and requested is not False
         return {
             "token_ids": response,
             "log_probs": logprobs if want_logprobs else None,

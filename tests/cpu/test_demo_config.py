@@ -1,0 +1,82 @@
+"""The CPU demo preset and the start-up guard on the composed config (no Ray started)."""
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from opd_verl.cpu.assets import DemoAssets
+from opd_verl.cpu.demo import apply_cpu_demo, cpu_demo_mode, maybe_apply_cpu_demo
+from opd_verl.cpu.ray_setup import CPURuntimeError, check_cpu_runtime, required_logical_gpus
+
+
+@pytest.fixture
+def restore_env():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _compose(*overrides):
+    with initialize_config_module(config_module="opd_verl.hydra_configs", version_base=None):
+        return compose(config_name="opd_trainer", overrides=list(overrides))
+
+
+def _assets(tmp_path):
+    return DemoAssets(
+        root=str(tmp_path),
+        train_file=str(tmp_path / "train.parquet"),
+        val_file=str(tmp_path / "val.parquet"),
+        student_path=str(tmp_path / "student"),
+        teacher_path=str(tmp_path / "teacher"),
+    )
+
+
+def test_preset_sets_cpu_settings_and_demo_assets(tmp_path, restore_env):
+    cfg = apply_cpu_demo(
+        _compose("+recipe=exopd", "trainer.default_local_dir=" + str(tmp_path / "run")), _assets(tmp_path)
+    )
+    a = cfg.actor_rollout_ref
+    assert a.model.path == str(tmp_path / "student") and cfg.opd.teachers.models.default.path == str(
+        tmp_path / "teacher"
+    )
+    assert a.actor.strategy == "fsdp2" and a.ref.strategy == "fsdp2"
+    assert a.model.use_remove_padding is False and a.model.override_config.attn_implementation == "sdpa"
+    assert a.rollout.name == "hf" and a.rollout.tensor_model_parallel_size == 1
+    assert cfg.trainer.device == "cpu" and cfg.trainer.n_gpus_per_node == 1
+    # Recipe sizes meant for GPU runs are replaced by the demo's.
+    assert cfg.data.train_batch_size == 16 and a.actor.ppo_mini_batch_size == 16 and cfg.data.max_response_length == 8
+    assert cfg.transfer_queue.backend.SimpleStorage.num_data_storage_units == 1
+    env = cfg.ray_kwargs.ray_init.runtime_env.env_vars
+    assert env.VERL_PLATFORM == "cpu" and "opd_verl.cpu.activate" in env.VERL_USE_EXTERNAL_MODULES
+    assert env.VERL_FILE_LOGGER_PATH == str(tmp_path / "run" / "metrics.jsonl")
+    assert cfg.ray_kwargs.ray_init.num_gpus == required_logical_gpus(cfg) >= 1
+    assert cfg.reward.custom_reward_function.path.endswith("opd_verl/cpu/task.py")
+    check_cpu_runtime(cfg)  # a complete preset passes the guard
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_guard_names_the_field_that_would_hang(tmp_path, restore_env):
+    cfg = apply_cpu_demo(_compose("+recipe=exopd"), _assets(tmp_path))
+    cfg.ray_kwargs.ray_init.num_gpus = 0
+    with pytest.raises(CPURuntimeError, match="ray_kwargs.ray_init.num_gpus"):
+        check_cpu_runtime(cfg)
+    cfg.ray_kwargs.ray_init.num_gpus = 8
+    cfg.ray_kwargs.ray_init.num_cpus = 2
+    with pytest.raises(CPURuntimeError, match="ray_kwargs.ray_init.num_cpus"):
+        check_cpu_runtime(cfg)
+    cfg.ray_kwargs.ray_init.num_cpus = 32
+    cfg.actor_rollout_ref.actor.strategy = "fsdp"
+    with pytest.raises(CPURuntimeError, match="fsdp2"):
+        check_cpu_runtime(cfg)
+
+
+def test_cpu_demo_switch():
+    cfg = _compose("opd.cpu_demo=false")
+    assert cpu_demo_mode(cfg) == "false"
+    assert maybe_apply_cpu_demo(cfg) is cfg and cfg.actor_rollout_ref.rollout.get("name") != "hf"
+    cfg = _compose("opd.cpu_demo=maybe")
+    with pytest.raises(ValueError, match="opd.cpu_demo must be one of auto, true, false"):
+        cpu_demo_mode(cfg)
