@@ -65,9 +65,9 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32):
     return model
 
 
-def sample_tokens(
+def sample_batch(
     model,
-    prompt_ids: list[int],
+    prompts: list[list[int]],
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -76,50 +76,87 @@ def sample_tokens(
     pad_token_id: int | None = None,
     ignore_eos: bool = False,
     generator_seed: int | None = None,
-) -> tuple[list[int], list[float]]:
-    """Sample a response for one prompt and return its token ids and their log-probs.
+) -> list[tuple[list[int], list[float]]]:
+    """Sample one response per prompt in a single left-padded `generate` call; return ids and their log-probs.
 
     Args:
         model: HF causal LM.
-        prompt_ids: prompt token ids, length P.
-        max_new_tokens: at most this many response tokens R (>= 1); generation stops after an eos token.
+        prompts: B prompts of token ids (lengths P_b).
+        max_new_tokens: at most this many response tokens R_b (>= 1); a response ends after its first eos token.
         temperature: sampling temperature; 0 means greedy. Log-probs are of `log_softmax(logits / temperature)`
             (temperature 1 when greedy), the distribution veRL's trainer recomputes.
         top_p, top_k: nucleus / top-k filtering (1.0 / -1 or 0: off).
-        eos_token_id: token(s) that end the response (included in the response, as vLLM does).
-        pad_token_id: padding id for `generate`.
+        eos_token_id: token(s) that end a response (included in it, as vLLM does).
+        pad_token_id: padding id (left padding of the prompts).
         ignore_eos: keep sampling until `max_new_tokens`.
         generator_seed: if given, the sampling is reproducible.
 
     Returns:
-        (response ids `[R]`, log-probs `[R]`).
+        B pairs (response ids `[R_b]`, log-probs `[R_b]`).
     """
     greedy = temperature is None or temperature <= 0
     scale = 1.0 if greedy else float(temperature)
+    pad = int(pad_token_id if pad_token_id is not None else 0)
+    eos_set = set() if ignore_eos or eos_token_id is None else set(_as_id_list(eos_token_id))
     kwargs: dict[str, Any] = {
         "max_new_tokens": int(max_new_tokens),
         "min_new_tokens": int(max_new_tokens) if ignore_eos else 0,
         "do_sample": not greedy,
         "output_logits": True,
         "return_dict_in_generate": True,
-        "pad_token_id": pad_token_id,
+        "pad_token_id": pad,
         "eos_token_id": None if ignore_eos else eos_token_id,
     }
     if not greedy:
         kwargs["temperature"] = scale
         kwargs["top_p"] = float(top_p) if top_p is not None else 1.0
         kwargs["top_k"] = int(top_k) if top_k is not None and top_k > 0 else 0
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, width - len(p) :] = 1
     with torch.random.fork_rng(devices=[], enabled=generator_seed is not None):
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-    response = out.sequences[0, len(prompt_ids) :]
-    logits = torch.stack(out.logits, dim=1)[0].float()  # [R, V], raw logits of each generated step
-    response = response[: logits.shape[0]]
-    logprobs = torch.log_softmax(logits / scale, dim=-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
-    return response.tolist(), logprobs.tolist()
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    logits = torch.stack(out.logits, dim=1).float()  # [B, R, V], raw logits of each generated step
+    responses = out.sequences[:, width : width + logits.shape[1]]  # [B, R]
+    logprobs = torch.log_softmax(logits / scale, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    results = []
+    for ids, lps in zip(responses.tolist(), logprobs.tolist()):
+        end = len(ids)
+        for t, tok in enumerate(ids):
+            if tok in eos_set:
+                end = t + 1
+                break
+        results.append((ids[:end], lps[:end]))
+    return results
+
+
+def _as_id_list(value) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def sample_tokens(model, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> tuple[list[int], list[float]]:
+    """`sample_batch` for a single prompt: (response ids `[R]`, log-probs `[R]`)."""
+    return sample_batch(model, [prompt_ids], max_new_tokens, **kwargs)[0]
+
+
+def prompt_logprobs_from_logits(
+    logits: torch.Tensor, token_ids: list[int], num_logprobs: int
+) -> tuple[list[list[int]], list[list[float]]]:
+    """vLLM-layout prompt log-probs from a sequence's logits `[S, V]` (see `prompt_logprobs`)."""
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # [S-1, V]
+    if num_logprobs == 0:
+        nxt = torch.tensor(token_ids[1:], dtype=torch.long).unsqueeze(-1)
+        out_ids, out_lp = nxt, logp.gather(-1, nxt)
+    else:
+        out_lp, out_ids = torch.topk(logp, k=int(num_logprobs), dim=-1)
+    width = max(int(num_logprobs), 1)
+    return out_ids.tolist() + [[0] * width], out_lp.tolist() + [[0.0] * width]
 
 
 def prompt_logprobs(model, token_ids: list[int], num_logprobs: int) -> tuple[list[list[int]], list[list[float]]]:
@@ -131,17 +168,9 @@ def prompt_logprobs(model, token_ids: list[int], num_logprobs: int) -> tuple[lis
     Returns:
         (ids `[S][max(k, 1)]`, log-probs `[S][max(k, 1)]`).
     """
-    ids = torch.tensor([token_ids], dtype=torch.long)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, :-1].float()  # [S-1, V]
-    logp = torch.log_softmax(logits, dim=-1)
-    if num_logprobs == 0:
-        nxt = ids[0, 1:].unsqueeze(-1)
-        out_ids, out_lp = nxt, logp.gather(-1, nxt)
-    else:
-        out_lp, out_ids = torch.topk(logp, k=int(num_logprobs), dim=-1)
-    width = max(int(num_logprobs), 1)
-    return out_ids.tolist() + [[0] * width], out_lp.tolist() + [[0.0] * width]
+        logits = model(input_ids=torch.tensor([token_ids], dtype=torch.long)).logits[0]
+    return prompt_logprobs_from_logits(logits, token_ids, num_logprobs)
 
 
 class HFRolloutServer:
@@ -166,6 +195,10 @@ class HFRolloutServer:
         self.global_steps = None
         self.weight_version = 0
         self._lock = asyncio.Lock()
+        self._pending: list[tuple[list[int], dict, asyncio.Future]] = []
+        self._runner: asyncio.Future | None = None
+        self.max_batch = int(os.environ.get("OPD_VERL_ROLLOUT_MAX_BATCH", "64"))
+        self.batch_wait_s = 0.005
 
     # ---- generation -------------------------------------------------------------------------------------------
     def _max_tokens(self, prompt_len: int, sampling_params: dict) -> int:
@@ -185,42 +218,91 @@ class HFRolloutServer:
             max_tokens = min(response_length, prompt_length + response_length - prompt_len)
         return max(1, min(int(max_tokens), max_possible))
 
-    def _generate_sync(self, prompt_ids: list[int], sampling_params: dict) -> dict:
-        sampling_params = dict(sampling_params)
-        num_prompt_logprobs = sampling_params.pop("prompt_logprobs", None)
-        extra: dict[str, Any] = {"global_steps": self.global_steps, "weight_version": self.weight_version}
-        if num_prompt_logprobs is not None:
-            ids, lps = prompt_logprobs(self.model, prompt_ids, int(num_prompt_logprobs))
-            extra["prompt_ids"], extra["prompt_logprobs"] = ids, lps
-        max_tokens = self._max_tokens(len(prompt_ids), sampling_params)
-        seed = sampling_params.get("seed")
-        if num_prompt_logprobs is not None and max_tokens == 1:
-            # Teacher requests only need the prompt log-probs; emit one greedy token without another pass.
-            response, logprobs = sample_tokens(
-                self.model, prompt_ids, 1, temperature=0, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id
-            )
-        else:
-            response, logprobs = sample_tokens(
-                self.model,
-                prompt_ids,
-                max_tokens,
-                temperature=float(sampling_params.get("temperature", 1.0)),
-                top_p=float(sampling_params.get("top_p", 1.0)),
-                top_k=int(sampling_params.get("top_k", -1) or -1),
-                eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id,
-                ignore_eos=bool(sampling_params.get("ignore_eos", False)),
-                generator_seed=None if seed is None else int(seed),
-            )
+    @staticmethod
+    def _wants_logprobs(sampling_params: dict) -> bool:
         # veRL passes `logprobs` as a bool; an int (vLLM's count of extra top log-probs) also asks for them.
         requested = sampling_params.get("logprobs", False)
-        want_logprobs = requested is not None and requested is not False
+        return requested is not None and requested is not False
+
+    def _teacher_sync(self, prompt_ids: list[int], num_prompt_logprobs: int) -> dict:
+        """Prompt log-probs of the whole sequence; the one response token is the greedy next token."""
+        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        with torch.no_grad():
+            logits = self.model(input_ids=ids).logits[0].float()  # [S, V]
+        out_ids, out_lps = prompt_logprobs_from_logits(logits, prompt_ids, num_prompt_logprobs)
+        last = torch.log_softmax(logits[-1], dim=-1)
+        token = int(last.argmax())
         return {
-            "token_ids": response,
-            "log_probs": logprobs if want_logprobs else None,
+            "token_ids": [token],
+            "log_probs": [float(last[token])],
             "stop_reason": "completed",
-            "extra_fields": extra,
+            "extra_fields": {"prompt_ids": out_ids, "prompt_logprobs": out_lps},
         }
+
+    def _generate_batch_sync(self, requests: list[tuple[list[int], dict]]) -> list[dict]:
+        """Serve a batch of requests: teacher (prompt log-prob) requests one by one, sampling requests grouped by
+        their sampling settings into single `generate` calls."""
+        results: list[dict | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        budgets: list[int] = [0] * len(requests)
+        for i, (prompt_ids, params) in enumerate(requests):
+            params = dict(params)
+            num_prompt_logprobs = params.pop("prompt_logprobs", None)
+            budgets[i] = self._max_tokens(len(prompt_ids), params)
+            if num_prompt_logprobs is not None:
+                if budgets[i] != 1:
+                    raise ValueError("opd_verl.cpu.hf_rollout: prompt_logprobs requests must ask for max_tokens=1")
+                results[i] = self._teacher_sync(prompt_ids, int(num_prompt_logprobs))
+                continue
+            key = (
+                float(params.get("temperature", 1.0)),
+                float(params.get("top_p", 1.0)),
+                int(params.get("top_k", -1) or -1),
+                bool(params.get("ignore_eos", False)),
+                params.get("seed"),
+            )
+            groups.setdefault(key, []).append(i)
+        for (temperature, top_p, top_k, ignore_eos, seed), idx in groups.items():
+            outs = sample_batch(
+                self.model,
+                [requests[i][0] for i in idx],
+                max(budgets[i] for i in idx),
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                ignore_eos=ignore_eos,
+                generator_seed=None if seed is None else int(seed),
+            )
+            for i, (ids, lps) in zip(idx, outs):
+                ids, lps = ids[: budgets[i]], lps[: budgets[i]]
+                results[i] = {
+                    "token_ids": ids,
+                    "log_probs": lps if self._wants_logprobs(requests[i][1]) else None,
+                    "stop_reason": "completed",
+                    "extra_fields": {},
+                }
+        for r in results:
+            r["extra_fields"].update(global_steps=self.global_steps, weight_version=self.weight_version)
+        return results
+
+    async def _drain(self):
+        """Serve queued requests in batches (requests that arrive together share one `generate`)."""
+        while self._pending:
+            await asyncio.sleep(self.batch_wait_s)
+            async with self._lock:
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                try:
+                    results = await asyncio.to_thread(self._generate_batch_sync, [(p, s) for p, s, _ in batch])
+                except Exception as err:  # noqa: BLE001 - hand the error to every waiting caller
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(err)
+                    continue
+            for (_, _, fut), result in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(result)
 
     async def generate(
         self,
@@ -235,13 +317,13 @@ class HFRolloutServer:
         **kwargs: Any,
     ):
         """veRL's token-in/token-out call; returns a `TokenOutput`."""
-
         if image_data is not None or video_data is not None or audio_data is not None:
             raise ValueError("opd_verl.cpu.hf_rollout serves text-only models")
-        prompt_ids = [int(t) for t in prompt_ids]
-        async with self._lock:
-            result = await asyncio.to_thread(self._generate_sync, prompt_ids, sampling_params)
-        return TokenOutput(**result)
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(([int(t) for t in prompt_ids], dict(sampling_params), future))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.ensure_future(self._drain())
+        return TokenOutput(**(await future))
 
     # ---- weights ----------------------------------------------------------------------------------------------
     async def update_weights(self, state_dict: dict[str, torch.Tensor], global_steps: int | None = None) -> int:

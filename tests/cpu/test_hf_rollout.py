@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from opd_verl.cpu.hf_rollout import HFRolloutServer, load_causal_lm, prompt_logprobs, sample_tokens
+from opd_verl.cpu.hf_rollout import HFRolloutServer, load_causal_lm, prompt_logprobs, sample_batch, sample_tokens
 
 
 def _forward_logprobs(model, ids: list[int], temperature: float = 1.0) -> torch.Tensor:
@@ -103,3 +103,41 @@ def test_server_weight_update_changes_outputs(tiny_model_dir, tmp_path):
     assert after["global_steps"] == 5 and after["weight_version"] == 1
     with pytest.raises(KeyError, match="does not exist"):
         asyncio.run(server.update_weights({"no.such.weight": torch.zeros(1)}))
+
+
+def test_batched_sampling_matches_single_prompts(model_and_tok):
+    model, tok = model_and_tok
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ("1+2=", "<|im_start|>user\n33+44=", "9")]
+    batched = sample_batch(model, prompts, 6, temperature=0, ignore_eos=True)
+    for prompt, (ids, lps) in zip(prompts, batched):
+        single_ids, single_lps = sample_tokens(model, prompt, 6, temperature=0, ignore_eos=True)
+        assert ids == single_ids and len(ids) == 6
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(single_lps), atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(lps), _forward_logprobs(model, prompt + ids)[len(prompt) - 1 :], atol=2e-4, rtol=1e-4
+        )
+
+
+def test_server_batches_concurrent_requests(tiny_model_dir, monkeypatch):
+    import opd_verl.cpu.hf_rollout as hf
+
+    calls = []
+    real = hf.sample_batch
+    monkeypatch.setattr(
+        hf, "sample_batch", lambda model, prompts, *a, **k: calls.append(len(prompts)) or real(model, prompts, *a, **k)
+    )
+    server = _server(tiny_model_dir)
+
+    async def many():
+        reqs = [
+            server.generate(
+                list(range(40, 50 + i)), {"max_tokens": 2 + i, "ignore_eos": True, "logprobs": True}, f"r{i}"
+            )
+            for i in range(5)
+        ]
+        return await asyncio.gather(*reqs)
+
+    outs = asyncio.run(many())
+    assert [len(o.token_ids) for o in outs] == [2, 3, 4, 5, 6]  # each request keeps its own budget
+    assert all(len(o.log_probs) == len(o.token_ids) for o in outs)
+    assert calls == [5]  # one generate call served all five
