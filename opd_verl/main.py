@@ -56,9 +56,20 @@ def install_preemption_handlers(cfg: DictConfig) -> None:
     install_signal_handlers()
 
 
+def _task_runner(opd: OPDConfig):
+    """The plugin trainer's task runner, unless only veRL's own distillation servers are used (kind=server)."""
+    from verl.trainer.main_ppo import TaskRunnerV1
+
+    if opd.teachers.kind == "server" and opd.signal.name != "opsd":
+        return TaskRunnerV1
+    from opd_verl.trainer.opd_trainer import OPDTaskRunner
+
+    return OPDTaskRunner
+
+
 def launch(cfg: DictConfig, opd: OPDConfig) -> None:
     """Validate veRL's own fields and run its trainer (Ray driver side)."""
-    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+    from verl.trainer.main_ppo import run_ppo
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
@@ -73,7 +84,7 @@ def launch(cfg: DictConfig, opd: OPDConfig) -> None:
 
         check_cpu_runtime(cfg)
     install_preemption_handlers(cfg)
-    run_ppo(cfg, task_runner_class=TaskRunnerV1)
+    run_ppo(cfg, task_runner_class=_task_runner(opd))
     if cpu_shims_active() and str(cfg.opd.get("cpu_demo", "")) == "true":
         from opd_verl.cpu.summary import summarize_run
 

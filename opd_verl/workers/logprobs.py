@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["chunked_logprobs", "output_projection", "response_logprobs"]
+__all__ = ["backbone_hidden_states", "chunked_logprobs", "output_projection", "response_logprobs"]
 
 
 def chunked_logprobs(
@@ -118,6 +118,35 @@ def _check_plain_head(model: torch.nn.Module) -> None:
             )
 
 
+def backbone_hidden_states(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """`(B, S, H)` last hidden states of a causal LM (after its final norm), without computing `(B, S, V)` logits.
+
+    The model's own forward runs (so FSDP2 unshards and reshards its root parameters as usual) with
+    ``logits_to_keep=1``; the backbone's output is captured with a forward hook on ``model.base_model``.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = model.base_model.register_forward_hook(hook)
+    try:
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=1,
+        )
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"expected one backbone output from {type(model).__name__}, got {len(captured)}")
+    return captured[0]
+
+
 @torch.no_grad()
 def response_logprobs(
     model: torch.nn.Module,
@@ -131,7 +160,7 @@ def response_logprobs(
 ) -> dict[str, torch.Tensor]:
     """Per-response-token log-probs of a causal LM for a batch of (prompt, response) pairs.
 
-    The backbone (``model.base_model``) runs once on the right-padded rows; only response positions are projected.
+    The model runs once on the right-padded rows (no full logits); only response positions are projected.
 
     Args:
         model: a Hugging Face causal LM (``get_output_embeddings()`` and ``base_model``).
@@ -153,8 +182,7 @@ def response_logprobs(
     if candidates is not None and len(candidates) != len(responses):
         raise ValueError(f"got {len(candidates)} candidate tensors for {len(responses)} responses")
     _check_plain_head(model)
-    weight, bias = output_projection(model)
-    device = weight.device
+    device = next(model.parameters()).device
     bsz = len(prompts)
     resp_lens = [int(r.numel()) for r in responses]
     t_max = max(resp_lens, default=0)
@@ -183,9 +211,8 @@ def response_logprobs(
     if t_max == 0:
         return out
 
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state  # (B, S, H)
+    hidden = backbone_hidden_states(model, input_ids, attention_mask, position_ids)  # (B, S, H)
+    weight, bias = output_projection(model)
 
     # positions predicting response token j of row i: prompt_len + j - 1
     rows, cols, dst = [], [], []

@@ -1,0 +1,581 @@
+"""The plugin trainer: veRL 0.9.1's synchronous v1 trainer plus forward-only teacher/reference worker groups.
+
+`OPDTrainer` subclasses `verl.trainer.ppo.v1.PPOTrainerSync` and is registered with veRL's `@register_trainer`
+under ``opd_sync``. veRL picks the trainer class by ``trainer.v1.trainer_mode`` and compares that mode with
+``"sync"`` in several places, so `OPDTaskRunner` (the task runner `opd_verl.main` starts) selects ``opd_sync``
+for a config that says ``sync``, and the trainer restores ``sync`` before veRL reads it: a run keeps veRL's
+synchronous semantics everywhere.
+
+What it adds to veRL's step (`_step_once`):
+
+1. Setup: the tokenizers of student, teachers and references are compared before any worker starts
+   (`opd_verl.workers.tokenizer_check`); one extra resource pool (``opd.teachers.nnodes`` x
+   ``n_gpus_per_node``) holds a colocated `RayWorkerGroup` of `ForwardOnlyWorker`s: one per teacher and one per
+   reward-correction base model.
+2. Old log-prob pass (release rule only): the actor's own forward also emits the student's top-K ids through
+   veRL's ``distillation_use_topk`` logits-processor path (no second student forward).
+3. Advantage step (`_compute_advantage`): samples are routed to teachers by ``opd.teachers.routing_key``; each
+   teacher (and its reference) scores its samples where the data lives (TransferQueue); then veRL's reward and
+   rollout-correction handling runs as in veRL, and the registered ``algorithm.adv_estimator`` receives the
+   student/teacher/reference log-probs, release margins and sentence ids, per-sample lam and the step.
+4. Metrics through veRL's tracking (``opd/...``), plugin state saved beside veRL's checkpoint, and the
+   preemption flag checked at every step boundary (`opd_verl.trainer.preemption`).
+
+`_compute_teacher_outputs` is the one per-step teacher call; OPSD overrides it to score privileged inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from functools import partial
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from verl.trainer.main_ppo import TaskRunnerV1
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+from opd_verl.config import OPDConfig, OPDConfigError, load_opd_config
+from opd_verl.integration.adapters import stage_params_for
+from opd_verl.trainer import preemption
+from opd_verl.trainer.routing import assign_teachers, routing_values
+from opd_verl.workers.forward_worker import SENTENCE_FIELD, STUDENT_TOPK_FIELD
+
+__all__ = [
+    "OPD_TRAINER_NAME",
+    "OPDTrainer",
+    "OPDTaskRunner",
+    "StudentTopKLoss",
+    "TEACHER_PREFIX",
+    "REF_PREFIX",
+    "stage_metrics",
+]
+
+logger = logging.getLogger(__name__)
+
+OPD_TRAINER_NAME = "opd_sync"
+POOL_NAME = "opd_pool"
+ROLE_NAME = "opd_forward"
+TEACHER_PREFIX = "opd_teacher"
+REF_PREFIX = "opd_ref"
+STATE_FILE = "opd_state.json"
+
+
+class StudentTopKLoss:
+    """Actor loss function that, as veRL's logits processor, also returns the student's top-K ids per token.
+
+    veRL's FSDP engine calls the worker's loss function with ``student_logits`` `(1, nnz, V)` when the micro-batch
+    flag ``distillation_use_topk`` is set; each returned `(1, nnz)` tensor is stored per token with the batch.
+    Called as the final loss it delegates to ``inner`` (veRL's ``ppo_loss``), except in the old-log-prob pass
+    (flag ``opd_collect_student_topk``), where no loss exists yet and a zero is returned.
+    """
+
+    def __init__(self, inner, k: int):
+        self.inner = inner
+        self.k = int(k)
+
+    def __call__(self, model_output=None, data=None, dp_group=None, student_logits=None):
+        from verl.utils import tensordict_utils as tu
+
+        if student_logits is not None:
+            ids = torch.topk(student_logits, self.k, dim=-1).indices  # (1, nnz, K)
+            return {STUDENT_TOPK_FIELD.format(j): ids[..., j] for j in range(self.k)}
+        if tu.get_non_tensor_data(data=data, key="opd_collect_student_topk", default=False):
+            return torch.zeros((), device=student_logits_device(model_output)), {}
+        return self.inner(model_output=model_output, data=data, dp_group=dp_group)
+
+
+def student_logits_device(model_output) -> torch.device:
+    for value in (model_output or {}).values():
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return None
+    if hasattr(value, "tolist"):
+        return list(value.tolist())
+    return list(value)
+
+
+def _padded(value: torch.Tensor | None, fill: float = 0.0) -> torch.Tensor | None:
+    if value is None:
+        return None
+    return value.to_padded_tensor(fill) if getattr(value, "is_nested", False) else value
+
+
+def _stat(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    v = values[mask]
+    if v.numel() == 0:
+        return 0.0, 0.0
+    return float(v.mean()), float(v.std(unbiased=False))
+
+
+def stage_metrics(params, tensors: dict, step: int | None, total_steps: int | None) -> dict[str, float]:
+    """Advantage mean/std after the signal stage and after the weighting stage (release and task reward off).
+
+    Args:
+        params: the effective `StageParams` of the run's estimator.
+        tensors: ``response_mask``, ``student``, ``teacher``, ``ref``, ``lam`` as handed to the estimator.
+    """
+    from opd_verl.objectives import StageParams, compose_advantages
+
+    mask = tensors["response_mask"].bool()
+    off = {**vars(params.release), "enabled": False}
+    stages = {
+        "signal": StageParams(signal=vars(params.signal), weighting={"name": "none"}, release=off),
+        "weighting": StageParams(signal=vars(params.signal), weighting=vars(params.weighting), release=off),
+    }
+    out: dict[str, float] = {}
+    for name, stage in stages.items():
+        adv, _ = compose_advantages(
+            tensors["student"],
+            tensors["teacher"],
+            tensors["response_mask"],
+            params=stage,
+            ref_logprobs=tensors["ref"],
+            lam=tensors["lam"] if stage.signal.name == "gopd" else None,
+            step=step,
+            total_steps=total_steps,
+        )
+        out[f"opd/stage/{name}/adv_mean"], out[f"opd/stage/{name}/adv_std"] = _stat(adv, mask)
+    return out
+
+
+class OPDTaskRunnerBase(TaskRunnerV1.__ray_actor_class__):
+    """veRL's v1 task runner that selects the plugin trainer for ``trainer.v1.trainer_mode=sync``.
+
+    Pass the Ray actor class `OPDTaskRunner` to ``verl.trainer.main_ppo.run_ppo(config, task_runner_class=...)``.
+    """
+
+    def run(self, config: DictConfig):
+        import opd_verl.integration.plugin  # noqa: F401  (estimators registered in this actor)
+
+        if config.trainer.v1.trainer_mode == "sync":
+            with open_dict(config):
+                config.trainer.v1.trainer_mode = OPD_TRAINER_NAME
+        return super().run(config)
+
+
+OPDTaskRunner = ray.remote(OPDTaskRunnerBase)
+
+
+@register_trainer(OPD_TRAINER_NAME)
+class OPDTrainer(PPOTrainerSync):
+    """veRL's synchronous trainer with the plugin's teacher/reference workers (see the module docstring)."""
+
+    def __init__(self, config: DictConfig):
+        with open_dict(config):
+            if config.trainer.v1.trainer_mode == OPD_TRAINER_NAME:
+                config.trainer.v1.trainer_mode = "sync"
+        self.opd: OPDConfig = load_opd_config(config)
+        self.opd_state: dict[str, Any] = {"advantage_step": 0, "teacher_calls": 0}
+        self._saved_step = None
+        self.forward_wgs: dict[str, Any] = {}
+        self._teacher_refs: list[str | None] = []
+        super().__init__(config)
+        self._check_supported()
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def uses_local_teachers(self) -> bool:
+        return self.opd.signal.name != "opsd" and self.opd.teachers.kind == "local"
+
+    @property
+    def collects_student_topk(self) -> bool:
+        return self.opd.release.enabled and self.uses_local_teachers
+
+    def _check_supported(self) -> None:
+        cfg = self.config
+        if self.collects_student_topk:
+            rc = cfg.algorithm.get("rollout_correction", None)
+            if rc is not None and rc.get("bypass_mode", False):
+                raise OPDConfigError(
+                    "opd.release.enabled=true needs the actor's own log-prob pass (it yields the student's top-K ids);"
+                    " algorithm.rollout_correction.bypass_mode=true skips it: set it to false"
+                )
+            if cfg.actor_rollout_ref.model.get("use_fused_kernels", False):
+                raise OPDConfigError(
+                    "opd.release.enabled=true takes the student's top-K ids from the logits, which "
+                    "actor_rollout_ref.model.use_fused_kernels=true never materialises: set it to false"
+                )
+            if cfg.get("distillation") is not None and cfg.distillation.get("enabled", False):
+                raise OPDConfigError(
+                    "opd.release.enabled=true replaces the actor's loss function; distillation.enabled=true (veRL's "
+                    "teacher servers) also does: use opd.teachers.kind=local with distillation.enabled=false"
+                )
+
+    def _reference_paths(self) -> list[str | None]:
+        """Per teacher: its reward-correction base model path, or None (student-init reference or lam == 1)."""
+        out = []
+        for t in self.opd.teachers.models:
+            use_base = self.opd.signal.name == "gopd" and t.lam != 1.0 and t.reference_path
+            out.append(t.reference_path if use_base else None)
+        return out
+
+    def _check_tokenizers(self) -> None:
+        from opd_verl.workers.tokenizer_check import check_same_tokenizers
+
+        models = {"the student": self.config.actor_rollout_ref.model.path}
+        for t, ref in zip(self.opd.teachers.models, self._reference_paths(), strict=True):
+            models[f"teacher {t.name}"] = t.path
+            if ref:
+                models[f"the reference of teacher {t.name}"] = ref
+        check_same_tokenizers(models)
+
+    # ------------------------------------------------------------------ setup
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        if self.uses_local_teachers:
+            spec = self.resource_pool_manager.resource_pool_spec
+            spec[POOL_NAME] = [self.opd.teachers.n_gpus_per_node] * self.opd.teachers.nnodes
+            self.mapping[ROLE_NAME] = POOL_NAME
+            self.resource_pool_manager.mapping[ROLE_NAME] = POOL_NAME
+
+    def _setup(self):
+        if self.uses_local_teachers:
+            self._check_tokenizers()  # before any worker (and any device memory)
+        super()._setup()
+        if self.uses_local_teachers:
+            self._init_forward_workers()
+        if self.collects_student_topk:
+            self._install_student_topk_loss()
+
+    def _forward_worker_configs(self) -> dict[str, dict]:
+        from opd_verl.workers.forward_worker import forward_worker_config
+
+        teachers, release = self.opd.teachers, self.opd.release
+        micro = int(self.config.actor_rollout_ref.rollout.get("log_prob_micro_batch_size_per_gpu") or 8)
+        configs = {}
+        self._teacher_refs = []
+        ref_keys: dict[str, str] = {}
+        for i, (t, ref) in enumerate(zip(teachers.models, self._reference_paths(), strict=True)):
+            configs[f"teacher{i}"] = forward_worker_config(
+                t.path,
+                TEACHER_PREFIX,
+                chunk_size=teachers.logprob_chunk_size,
+                micro_batch_size=micro,
+                margin=release.margin if release.enabled else None,
+                sentences=release.enabled,
+                split_newlines=release.split_newlines,
+            )
+            if ref and ref not in ref_keys:
+                ref_keys[ref] = f"reference{len(ref_keys)}"
+                configs[ref_keys[ref]] = forward_worker_config(
+                    ref, REF_PREFIX, chunk_size=teachers.logprob_chunk_size, micro_batch_size=micro
+                )
+            self._teacher_refs.append(ref_keys.get(ref) if ref else None)
+        return configs
+
+    def _init_forward_workers(self) -> None:
+        import ray
+        from verl.single_controller.ray import RayClassWithInitArgs, RayWorkerGroup, create_colocated_worker_cls
+
+        from opd_verl.workers.forward_worker import ForwardOnlyWorker
+
+        configs = self._forward_worker_configs()
+        class_dict = {
+            key: RayClassWithInitArgs(cls=ray.remote(ForwardOnlyWorker), config=cfg) for key, cfg in configs.items()
+        }
+        pool = self.resource_pool_manager.get_resource_pool(ROLE_NAME)
+        wg = RayWorkerGroup(
+            resource_pool=pool,
+            ray_cls_with_init=create_colocated_worker_cls(class_dict=class_dict),
+            device_name=self.config.trainer.device,
+        )
+        self.forward_wgs = wg.spawn(prefix_set=class_dict.keys())
+        for key in class_dict:
+            self.forward_wgs[key].init_model()
+        logger.info("opd_verl forward-only workers ready: %s", sorted(self.forward_wgs))
+
+    def _install_student_topk_loss(self) -> None:
+        from verl.utils.config import omega_conf_to_dataclass
+        from verl.workers.utils.losses import ppo_loss
+
+        actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
+        self.actor_rollout_wg.set_loss_fn(
+            StudentTopKLoss(partial(ppo_loss, config=actor_config), self.opd.release.top_k)
+        )
+
+    # ------------------------------------------------------------------ step
+    def _compute_old_log_prob(self, batch, metrics: dict):
+        if not self.collects_student_topk:
+            return super()._compute_old_log_prob(batch, metrics)
+        wg = self.actor_rollout_wg
+        original = wg.compute_log_prob
+        flags = {"compute_loss": True, "distillation_use_topk": True, "opd_collect_student_topk": True}
+
+        def with_topk(b):
+            b.extra_info.update(flags)
+            try:
+                return original(b)
+            finally:
+                for key in flags:
+                    b.extra_info.pop(key, None)
+
+        wg.compute_log_prob = with_topk
+        try:
+            return super()._compute_old_log_prob(batch, metrics)
+        finally:
+            wg.compute_log_prob = original
+
+    def _route(self, batch) -> list[int]:
+        import transfer_queue as tq
+
+        key = self.opd.teachers.routing_key
+        field = "data_source" if key == "data_source" else "extra_info"
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=[field])
+        raw = _as_list(data[field])
+        values = routing_values(key, raw if field == "data_source" else None, raw if field == "extra_info" else None)
+        padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
+        routes = [t.route for t in self.opd.teachers.models]
+        real = [v for v, p in zip(values, padding, strict=True) if not p]
+        owners_real = iter(assign_teachers(real, routes, key))
+        return [0 if p else next(owners_real) for p in padding]
+
+    def _compute_teacher_outputs(self, batch, owners: list[int], metrics: dict) -> None:
+        """Score the batch with each sample's teacher (and reference) and store the results in TransferQueue.
+
+        Writes per response token ``opd_teacher_log_probs`` (and, with the release rule, ``opd_teacher_margins``
+        and ``opd_sentence_ids``) for every sample, and ``opd_ref_log_probs`` for samples whose teacher has a
+        reward-correction base model. Override to change what the teacher sees (OPSD's privileged prompt).
+        """
+        from transfer_queue import KVBatchMeta
+
+        fields = ["prompts", "responses", "response_mask"]
+        if self.collects_student_topk:
+            fields += [STUDENT_TOPK_FIELD.format(j) for j in range(self.opd.release.top_k)]
+        extra = {"temperature": self.config.actor_rollout_ref.rollout.temperature}
+        t0 = time.perf_counter()
+        for i in range(len(self.opd.teachers.models)):
+            idx = [n for n, o in enumerate(owners) if o == i]
+            if not idx:
+                continue
+            keys = [batch.keys[n] for n in idx]
+            tags = [batch.tags[n] for n in idx]
+            meta = KVBatchMeta(keys=keys, tags=tags, partition_id=batch.partition_id, fields=fields, extra_info=extra)
+            self.forward_wgs[f"teacher{i}"].compute_logprobs(meta)
+            ref_key = self._teacher_refs[i] if self._teacher_refs else None
+            if ref_key:
+                ref_meta = KVBatchMeta(
+                    keys=keys, tags=tags, partition_id=batch.partition_id, fields=fields[:3], extra_info=extra
+                )
+                self.forward_wgs[ref_key].compute_logprobs(ref_meta)
+        metrics["opd/teacher_time_s"] = time.perf_counter() - t0
+        self.opd_state["teacher_calls"] += 1
+
+    def _compute_advantage(self, batch, metrics: dict):
+        """veRL's advantage step with the teacher/reference tensors handed to the registered estimator."""
+        import transfer_queue as tq
+        from tensordict import TensorDict
+        from verl.protocol import DataProto
+        from verl.trainer.ppo.ray_trainer import apply_kl_penalty
+        from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
+        from verl.utils.debug import marked_timer
+        from verl.workers.utils.padding import response_to_nested
+
+        if self.opd.signal.name == "opsd" and self.opd.opsd.loss != "sampled":
+            return super()._compute_advantage(batch, metrics)
+
+        owners = self._route(batch)
+        with marked_timer("opd_teacher", self.timing_raw, color="purple"):
+            self._compute_teacher_outputs(batch, owners, metrics)
+
+        have_ref = self.use_reference_policy
+        have_base_ref = any(self._teacher_refs)
+        fields = [
+            "uid",
+            "response_mask",
+            "rm_scores",
+            "rollout_log_probs",
+            "old_log_probs",
+            f"{TEACHER_PREFIX}_log_probs",
+        ]
+        if have_ref:
+            fields.append("ref_log_prob")
+        if self.opd.release.enabled:
+            fields += [f"{TEACHER_PREFIX}_margins", SENTENCE_FIELD]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        base_ref = None
+        if have_base_ref:
+            ref_idx = [n for n, o in enumerate(owners) if self._teacher_refs[o]]
+            base_ref = (
+                ref_idx,
+                tq.kv_batch_get(
+                    keys=[batch.keys[n] for n in ref_idx],
+                    partition_id=batch.partition_id,
+                    select_fields=[f"{REF_PREFIX}_log_probs"],
+                ),
+            )
+
+        response_mask_nested = data["response_mask"]
+        data = DataProto(batch=data.to_padded_tensor())
+        data.batch["token_level_scores"] = data.batch["rm_scores"]
+        data.non_tensor_batch["uid"] = np.array(data.batch.pop("uid").tolist(), dtype=object)
+        if self.config.algorithm.use_kl_in_reward:
+            data, kl_metrics = apply_kl_penalty(
+                data, kl_ctrl=self.kl_ctrl_in_reward, kl_penalty=self.config.algorithm.kl_penalty
+            )
+            metrics.update(kl_metrics)
+        else:
+            data.batch["token_level_rewards"] = data.batch["token_level_scores"]
+
+        rc_config = self.config.algorithm.get("rollout_correction", None)
+        bypass = rc_config and rc_config.get("bypass_mode", False)
+        rollout_correction = rc_config is not None and "rollout_log_probs" in data.batch and not bypass
+        if rollout_correction:
+            data, is_metrics = compute_rollout_correction_and_add_to_batch(data, rc_config)
+            metrics.update(is_metrics)
+
+        advantages, returns = self._handover(data, owners, base_ref, metrics)
+        data.batch["advantages"] = advantages
+        data.batch["returns"] = returns
+        self.opd_state["advantage_step"] = int(self.global_steps)
+
+        out_fields = ["advantages", "returns"]
+        if self.config.algorithm.use_kl_in_reward:
+            out_fields.append("token_level_rewards")
+        if rollout_correction:
+            out_fields.append("response_mask")
+            if "rollout_is_weights" in data.batch:
+                out_fields.append("rollout_is_weights")
+        output = {f: response_to_nested(data.batch[f], response_mask_nested) for f in out_fields}
+        output = TensorDict(output, batch_size=len(batch))
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
+
+    def _handover(self, data, owners: list[int], base_ref, metrics: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hand the padded batch to ``algorithm.adv_estimator``: `(B, T)` advantages and returns; metrics added.
+
+        Args:
+            data: veRL `DataProto` with padded ``response_mask``, ``token_level_rewards``, ``old_log_probs``,
+                ``opd_teacher_log_probs`` (and ``ref_log_prob``, ``opd_teacher_margins``, ``opd_sentence_ids``
+                where used) and the ``uid`` of each sample.
+            owners: teacher index per sample.
+            base_ref: ``(sample indices, TensorDict with opd_ref_log_probs)`` for reward-correction samples, or None.
+        """
+        from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+
+        tensors = self._estimator_tensors(data, owners, base_ref)
+        estimator = get_adv_estimator_fn(self.config.algorithm.adv_estimator)
+        params = self._stage_params()
+        adv_metrics: dict[str, float] = {}
+        advantages, returns = estimator(
+            token_level_rewards=data.batch["token_level_rewards"],
+            response_mask=tensors["response_mask"],
+            config=self.config.algorithm,
+            index=data.non_tensor_batch["uid"],
+            student_logprobs=tensors["student"],
+            teacher_logprobs=tensors["teacher"],
+            ref_logprobs=tensors["ref"],
+            sentence_ids=tensors["sentence_ids"],
+            margins=tensors["margins"],
+            lam=tensors["lam"],
+            step=self.global_steps,
+            total_steps=self.total_training_steps,
+            params=params,
+            metrics=adv_metrics,
+        )
+        metrics.update(adv_metrics)
+        mask = tensors["response_mask"].bool()
+        metrics["opd/stage/final/adv_mean"], metrics["opd/stage/final/adv_std"] = _stat(advantages, mask)
+        effective = stage_params_for(self.config.algorithm.adv_estimator, params)
+        metrics.update(stage_metrics(effective, tensors, self.global_steps, self.total_training_steps))
+        return advantages, returns
+
+    def _stage_params(self):
+        from opd_verl.objectives import StageParams
+
+        section = OmegaConf.to_container(self.config.opd, resolve=True)
+        if section["signal"]["name"] == "opsd":
+            section["signal"] = {"name": "opsd_sampled", "lam": 1.0}
+        return StageParams.from_config(section)
+
+    def _estimator_tensors(self, data, owners: list[int], base_ref) -> dict[str, torch.Tensor | None]:
+        """`(B, T)` tensors for the estimator from the padded batch; lam per sample `(B,)`."""
+        b = data.batch
+        response_mask = b["response_mask"].float()
+        t = response_mask.shape[1]
+
+        def fit(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            x = _padded(x)
+            if x.shape[1] < t:
+                x = torch.nn.functional.pad(x, (0, t - x.shape[1]))
+            return x[:, :t]
+
+        student = fit(b["old_log_probs"]).float()
+        teacher = fit(b[f"{TEACHER_PREFIX}_log_probs"]).float()
+        lams = torch.tensor([self.opd.teachers.models[o].lam for o in owners], dtype=torch.float32)
+        ref = None
+        if self.opd.signal.name == "gopd":
+            # rows with lam == 1 ignore the reference; give them the teacher's values so nothing undefined remains
+            ref = fit(b["ref_log_prob"]).float().clone() if "ref_log_prob" in b.keys() else teacher.clone()
+            if base_ref is not None:
+                idx, got = base_ref
+                rows = fit(_padded(got[f"{REF_PREFIX}_log_probs"]))
+                for j, n in enumerate(idx):
+                    ref[n] = rows[j] if rows.shape[1] == t else fit(rows[j : j + 1])[0]
+        sentence_ids = margins = None
+        if self.opd.release.enabled:
+            sentence_ids = fit(b[SENTENCE_FIELD]).long()
+            margins = fit(b[f"{TEACHER_PREFIX}_margins"]).float()
+        return {
+            "response_mask": response_mask,
+            "student": student,
+            "teacher": teacher,
+            "ref": ref,
+            "lam": lams if self.opd.signal.name == "gopd" else None,
+            "sentence_ids": sentence_ids,
+            "margins": margins,
+        }
+
+    # ------------------------------------------------------------------ checkpoints and preemption
+    def _save_checkpoint(self):
+        super()._save_checkpoint()
+        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, STATE_FILE), "w") as f:
+            json.dump({**self.opd_state, "global_step": int(self.global_steps)}, f)
+        self._saved_step = self.global_steps
+
+    def _load_checkpoint(self):
+        super()._load_checkpoint()
+        if not self.global_steps:
+            return
+        folder = self._resume_folder()
+        path = None if folder is None else os.path.join(folder, STATE_FILE)
+        if path and os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+            self.opd_state.update({k: v for k, v in state.items() if k != "global_step"})
+            logger.info("opd_verl: restored plugin state %s from %s", self.opd_state, path)
+        else:
+            logger.warning("opd_verl: no %s beside the resumed checkpoint; plugin state starts fresh", STATE_FILE)
+
+    def _resume_folder(self) -> str | None:
+        trainer = self.config.trainer
+        if trainer.resume_mode == "resume_path":
+            return trainer.resume_from_path
+        folder = os.path.join(trainer.default_local_dir, f"global_step_{self.global_steps}")
+        return folder if os.path.isdir(folder) else None
+
+    def on_step_end(self):
+        super().on_step_end()
+        if preemption.should_save_and_exit():
+            if self._saved_step != self.global_steps:
+                self._save_checkpoint()
+            logger.warning(
+                "opd_verl: %s requested; checkpoint of step %d saved, leaving the training loop",
+                preemption.preemption_reason(),
+                self.global_steps,
+            )
+            self.total_training_steps = self.global_steps  # fit() leaves its loop after this step
