@@ -1,0 +1,146 @@
+"""The forward-only worker as a real Ray worker group on CPU (RayResourcePool(use_gpu=False)), vs direct forwards."""
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    from opd_verl.cpu.tiny import build_tiny_qwen2
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "a": build_tiny_qwen2(str(root / "teacher_a"), hidden_size=32, seed=1),
+        "b": build_tiny_qwen2(str(root / "teacher_b"), hidden_size=32, seed=2),
+    }
+
+
+@pytest.fixture(scope="module")
+def ray_cpu():
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _group(path, prefix, **kw):
+    import ray
+    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+
+    from opd_verl.workers.forward_worker import ForwardOnlyWorker, forward_worker_config
+
+    pool = RayResourcePool(process_on_nodes=[1], use_gpu=False, max_colocate_count=1)
+    cls = RayClassWithInitArgs(cls=ray.remote(ForwardOnlyWorker), config=forward_worker_config(path, prefix, **kw))
+    wg = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=cls, device_name="cpu")
+    wg.init_model()
+    return wg
+
+
+def _rollouts(seed=0, bsz=4):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 256, (int(n),), generator=g) for n in torch.randint(2, 6, (bsz,), generator=g)]
+    responses = [torch.randint(0, 256, (int(n),), generator=g) for n in torch.randint(2, 9, (bsz,), generator=g)]
+    return prompts, responses
+
+
+def _nested(rows):
+    return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+
+
+def _direct(path, prompt, response, temperature=1.0):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    ids = torch.cat([prompt, response]).unsqueeze(0)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float() / temperature, dim=-1)
+    start = prompt.numel() - 1
+    return logp[start : start + response.numel()]
+
+
+def test_worker_group_matches_direct_forward(ray_cpu, model_dirs):
+    from opd_verl.objectives.release import topk_margin
+
+    prompts, responses = _rollouts()
+    k = 4
+    # student top-K ids over prompt + response positions, as the actor's log-prob pass writes them
+    g = torch.Generator().manual_seed(7)
+    full_len = [p.numel() + r.numel() for p, r in zip(prompts, responses)]
+    topk_cols = [[torch.randint(0, 256, (n,), generator=g) for n in full_len] for _ in range(k)]
+    td = TensorDict(
+        {"prompts": _nested(prompts), "responses": _nested(responses)}
+        | {f"opd_student_topk_{j}": _nested(topk_cols[j]) for j in range(k)},
+        batch_size=[len(prompts)],
+    )
+    wg = _group(
+        model_dirs["a"],
+        "opd_teacher",
+        chunk_size=3,
+        micro_batch_size=3,
+        margin="prob",
+        own_topk=3,
+        return_candidates=True,
+    )
+    out = wg.compute_logprobs(td)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        full = _direct(model_dirs["a"], p, r)
+        start = p.numel() - 1
+        cand = torch.stack([topk_cols[j][i][start : start + r.numel()] for j in range(k)], dim=-1)
+        torch.testing.assert_close(
+            out["opd_teacher_log_probs"][i], full.gather(-1, r[:, None]).squeeze(-1), atol=1e-5, rtol=0
+        )
+        cand_lp = full.gather(-1, cand)
+        torch.testing.assert_close(out["opd_teacher_candidate_log_probs"][i], cand_lp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            out["opd_teacher_margins"][i], topk_margin(cand_lp[None], "prob")[0], atol=1e-5, rtol=0
+        )
+        vals, ids = torch.topk(full, 3, dim=-1)
+        torch.testing.assert_close(out["opd_teacher_topk_log_probs"][i], vals, atol=1e-5, rtol=0)
+        assert torch.equal(out["opd_teacher_topk_ids"][i], ids)
+
+
+def test_routing_two_teachers(ray_cpu, model_dirs):
+    from opd_verl.trainer.routing import assign_teachers, routing_values
+
+    prompts, responses = _rollouts(seed=3, bsz=5)
+    sources = ["math", "code", "math", "code", "code"]
+    routes = ["math", "code"]
+    owners = assign_teachers(routing_values("data_source", sources, None), routes)
+    assert owners == [0, 1, 0, 1, 1]
+    groups = [_group(model_dirs["a"], "opd_teacher"), _group(model_dirs["b"], "opd_teacher")]
+    got = [None] * len(prompts)
+    for t, wg in enumerate(groups):
+        idx = [i for i, o in enumerate(owners) if o == t]
+        td = TensorDict(
+            {"prompts": _nested([prompts[i] for i in idx]), "responses": _nested([responses[i] for i in idx])},
+            batch_size=[len(idx)],
+        )
+        out = wg.compute_logprobs(td)
+        for j, i in enumerate(idx):
+            got[i] = out["opd_teacher_log_probs"][j]
+    paths = [model_dirs["a"], model_dirs["b"]]
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        own = _direct(paths[owners[i]], p, r).gather(-1, r[:, None]).squeeze(-1)
+        other = _direct(paths[1 - owners[i]], p, r).gather(-1, r[:, None]).squeeze(-1)
+        torch.testing.assert_close(got[i], own, atol=1e-5, rtol=0)
+        assert (got[i] - other).abs().max() > 1e-3  # the teachers really differ
+
+
+def test_sentence_ids_on_worker(ray_cpu, model_dirs):
+    from opd_verl.cpu.tiny import build_tokenizer
+    from opd_verl.objectives.sentences import token_sentence_ids
+
+    tok = build_tokenizer()
+    texts = ["One. Two is here. Three!\nFour.", "Just one sentence"]
+    responses = [torch.tensor(tok.encode(t, add_special_tokens=False)) for t in texts]
+    prompts = [torch.tensor(tok.encode("Q:", add_special_tokens=False))] * 2
+    td = TensorDict({"prompts": _nested(prompts), "responses": _nested(responses)}, batch_size=[2])
+    wg = _group(model_dirs["a"], "opd_teacher", sentences=True)
+    out = wg.compute_logprobs(td)
+    for i, r in enumerate(responses):
+        assert out["opd_sentence_ids"][i].tolist() == token_sentence_ids(r, tok, True)
+    assert out["opd_sentence_ids"][0].max() == 3 and out["opd_sentence_ids"][1].max() == 0
