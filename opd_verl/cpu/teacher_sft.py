@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of the demo teacher on the addition task (plain torch, CPU, a minute or two).
+"""Supervised fine-tuning of the demo models on the addition task (plain torch, CPU; the teacher a minute or two).
 
 The teacher sees the same chat-formatted prompts the trainer will use and learns the answer tokens plus
 `<|im_end|>` (loss on response tokens only). The result is saved over the initial weights in place.
@@ -96,7 +96,7 @@ def train_teacher(
         sched.step()
         loss_value = loss.item()
         if step % 250 == 0:
-            log(f"opd_verl: teacher SFT step {step}/{steps} loss {loss_value:.3f} ({time.time() - start:.0f}s)")
+            log(f"opd_verl: SFT step {step}/{steps} loss {loss_value:.3f} ({time.time() - start:.0f}s)")
         if time.time() - start > max_seconds:
             break
     model.eval()
@@ -107,7 +107,7 @@ def train_teacher(
         "held_out_accuracy": greedy_accuracy(model, tokenizer, held_out),
     }
     log(
-        f"opd_verl: teacher SFT done: {stats['steps']} steps, loss {stats['final_loss']:.3f}, "
+        f"opd_verl: SFT done: {stats['steps']} steps, loss {stats['final_loss']:.3f}, "
         f"held-out greedy accuracy {stats['held_out_accuracy']:.2f}, {stats['seconds']:.0f}s"
     )
     model.save_pretrained(model_dir)
