@@ -6,7 +6,9 @@ import json
 import math
 import os
 
-KL_KEYS = ("opd/reverse_kl", "distillation/loss", "actor/distillation/loss")
+# Sampled-token estimate of KL(student || teacher) = E_student[log s - log t]: the plugin's estimators log
+# `opd/discrepancy` = mean(log t - log s) (so the KL is its negative); veRL's built-in k1 loss logs it directly.
+KL_SOURCES = (("opd/discrepancy", -1.0), ("actor/distillation/loss", 1.0))
 REWARD_KEYS = ("critic/score/mean", "reward/score/mean", "critic/rewards/mean")
 
 
@@ -29,14 +31,21 @@ def pick_key(rows: list[dict], candidates: tuple[str, ...]) -> str | None:
     return None
 
 
-def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+def series(rows: list[dict], key: str, sign: float = 1.0) -> tuple[list[int], list[float]]:
     steps, values = [], []
     for r in rows:
         v = r["data"].get(key)
         if isinstance(v, (int, float)) and math.isfinite(float(v)):
             steps.append(r["step"])
-            values.append(float(v))
+            values.append(sign * float(v))
     return steps, values
+
+
+def kl_source(rows: list[dict]) -> tuple[str | None, float]:
+    for key, sign in KL_SOURCES:
+        if any(key in r["data"] for r in rows):
+            return key, sign
+    return None, 1.0
 
 
 def summarize_run(cfg=None, run_dir: str | None = None, log=print) -> dict:
@@ -48,17 +57,17 @@ def summarize_run(cfg=None, run_dir: str | None = None, log=print) -> dict:
         log(f"opd_verl: no metrics file at {path}; nothing to summarise")
         return {}
     rows = read_metrics(path)
-    kl_key, reward_key = pick_key(rows, KL_KEYS), pick_key(rows, REWARD_KEYS)
+    (kl_key, kl_sign), reward_key = kl_source(rows), pick_key(rows, REWARD_KEYS)
     summary: dict = {"run_dir": run_dir, "steps": len(rows), "kl_key": kl_key, "reward_key": reward_key}
-    for name, key in (("reverse_kl", kl_key), ("task_reward", reward_key)):
+    for name, key, sign in (("reverse_kl", kl_key, kl_sign), ("task_reward", reward_key, 1.0)):
         if key is None:
             continue
-        steps, values = series(rows, key)
+        steps, values = series(rows, key, sign)
         if values:
             summary[name] = {"first_step": steps[0], "first": values[0], "last_step": steps[-1], "last": values[-1]}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    plot_path = plot_curves(rows, kl_key, reward_key, os.path.join(run_dir, "curves.png"))
+    plot_path = plot_curves(rows, (kl_key, kl_sign), reward_key, os.path.join(run_dir, "curves.png"))
     lines = [f"opd_verl: CPU demo finished ({summary['steps']} steps), run dir {run_dir}"]
     for name, label in (("reverse_kl", "teacher-student reverse KL"), ("task_reward", "task reward")):
         if name in summary:
@@ -73,9 +82,18 @@ def summarize_run(cfg=None, run_dir: str | None = None, log=print) -> dict:
     return summary
 
 
-def plot_curves(rows: list[dict], kl_key: str | None, reward_key: str | None, out_path: str) -> str | None:
-    """Save a two-panel PNG of the reverse KL and task reward per step; returns its path (None without data)."""
-    panels = [(k, t) for k, t in ((kl_key, "teacher-student reverse KL"), (reward_key, "task reward")) if k]
+def plot_curves(rows: list[dict], kl: tuple, reward_key: str | None, out_path: str) -> str | None:
+    """Save a two-panel PNG of the reverse KL and task reward per step; returns its path (None without data).
+
+    Args:
+        kl: (metric key, sign) of the reverse-KL series, key None when absent.
+    """
+    kl_key, kl_sign = kl
+    panels = [
+        (k, sign, t)
+        for k, sign, t in ((kl_key, kl_sign, "teacher-student reverse KL"), (reward_key, 1.0, "task reward"))
+        if k
+    ]
     if not panels:
         return None
     import matplotlib
@@ -84,12 +102,12 @@ def plot_curves(rows: list[dict], kl_key: str | None, reward_key: str | None, ou
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        steps, values = series(rows, key)
+    for ax, (key, sign, title) in zip(axes[0], panels):
+        steps, values = series(rows, key, sign)
         ax.plot(steps, values, marker="o", markersize=3)
         ax.set_title(title)
         ax.set_xlabel("training step")
-        ax.set_ylabel(key)
+        ax.set_ylabel(("-" if sign < 0 else "") + key)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)

@@ -40,3 +40,11 @@ def test_summary_first_vs_last_and_plot(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 5
     assert "4.0000  ->  step   5: 0.8000" in printed[0]
+
+
+def test_summary_reads_the_plugin_discrepancy_as_negative_kl(tmp_path):
+    rows = [{"step": s, "data": {"opd/discrepancy": -3.0 + s, "actor/distillation/loss": 99.0}} for s in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    summary = summarize_run(run_dir=str(tmp_path), log=lambda *_: None)
+    assert summary["kl_key"] == "opd/discrepancy"
+    assert summary["reverse_kl"]["first"] == 2.0 and summary["reverse_kl"]["last"] == 1.0

@@ -53,7 +53,9 @@ def _metrics(tmp_path) -> dict[int, dict]:
 
 
 REQUIRED = (
-    "actor/distillation/loss",  # teacher log-probs reached the loss (HF teacher replica)
+    "opd/discrepancy",  # only the plugin's estimator logs it: teacher log-probs reached the advantage
+    "opd/signal",
+    "opd/teacher_time_s",
     "actor/kl_loss",  # reference log-probs computed (exopd turns on the ref policy)
     "actor/grad_norm",
     "actor/loss",
@@ -70,6 +72,9 @@ def test_two_steps_then_resume(tmp_path):
         for key in REQUIRED:
             assert key in data, f"step {step}: metric {key} missing"
             assert math.isfinite(float(data[key])), f"step {step}: {key}={data[key]} is not finite"
+    # Step 1: the reference is the student's initial checkpoint, so ExOPD's signal lam*(t - r) - (s - r) equals
+    # lam * (t - s) = 1.25 * discrepancy; this holds only if teacher and reference log-probs both reached it.
+    assert math.isclose(metrics[1]["opd/signal"], 1.25 * metrics[1]["opd/discrepancy"], rel_tol=1e-3, abs_tol=1e-3)
     assert (tmp_path / "run" / "global_step_2").is_dir()
     assert "teacher-student reverse KL" in first.stdout
     assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "summary.json").exists()
