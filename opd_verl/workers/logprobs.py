@@ -4,6 +4,9 @@ A model's logits for one long response are `[L, V]`; in float32 at L=16k and V=1
 here project `chunk_size` positions at a time through the output embedding, take the float32 log-softmax of that
 chunk only, gather what is asked for and drop the chunk, so the extra memory is O(chunk_size x V) whatever L is.
 
+Per chunk the logits go into one reused float32 buffer; a log-prob is the gathered logit minus the row's
+logsumexp, so the full log-softmax of the chunk is never written either.
+
 What can be gathered per position (all float32 log-probs):
 
 - the log-prob of a given label id (the token the student sampled): `[N]`;
@@ -75,22 +78,30 @@ def chunked_logprobs(
         out["topk_ids"] = torch.empty((n, topk), dtype=torch.int64, device=device)
         out["topk_log_probs"] = torch.empty((n, topk), dtype=torch.float32, device=device)
 
+    # one float32 logits buffer reused by every chunk; log-probs are gathered logits minus the row's logsumexp,
+    # so no second [chunk, V] tensor (the log-softmax) is ever written
+    buf = torch.empty((min(chunk_size, n), vocab), dtype=torch.float32, device=device)
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
-        logits = torch.nn.functional.linear(hidden[start:end], weight, bias).float()
+        logits = buf[: end - start]
+        if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
+            torch.mm(hidden[start:end], weight.t(), out=logits)
+            if bias is not None:
+                logits.add_(bias.float())
+        else:
+            logits.copy_(torch.nn.functional.linear(hidden[start:end], weight, bias))
         if temperature != 1.0:
             logits.div_(temperature)
-        logp = torch.log_softmax(logits, dim=-1)
-        del logits
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (m, 1)
         if labels is not None:
-            out["log_probs"][start:end] = logp.gather(-1, labels[start:end].long().unsqueeze(-1)).squeeze(-1)
+            picked = logits.gather(-1, labels[start:end].long().unsqueeze(-1))
+            out["log_probs"][start:end] = (picked - lse).squeeze(-1)
         if candidates is not None:
-            out["candidate_log_probs"][start:end] = logp.gather(-1, candidates[start:end].long())
+            out["candidate_log_probs"][start:end] = logits.gather(-1, candidates[start:end].long()) - lse
         if topk > 0:
-            values, ids = torch.topk(logp, topk, dim=-1)
+            values, ids = torch.topk(logits, topk, dim=-1)
             out["topk_ids"][start:end] = ids
-            out["topk_log_probs"][start:end] = values
-        del logp
+            out["topk_log_probs"][start:end] = values - lse
     return out
 
 
