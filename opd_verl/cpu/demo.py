@@ -35,7 +35,7 @@ DEMO_DEFAULTS = {
     "data.max_response_length": 8,
     "actor_rollout_ref.rollout.n": 2,
     "actor_rollout_ref.actor.ppo_mini_batch_size": 16,
-    "actor_rollout_ref.actor.optim.lr": 3.0e-3,
+    "actor_rollout_ref.actor.optim.lr": 1.0e-3,
     "trainer.total_training_steps": 30,
 }
 
