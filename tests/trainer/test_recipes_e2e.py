@@ -1,0 +1,90 @@
+"""Each distillation recipe trains 2 steps through veRL 0.9.1's real v1 loop on CPU with the plugin trainer.
+
+`python -m opd_verl.main +recipe=NAME opd.cpu_demo=true`: tiny demo student and SFT teacher, the plugin's
+forward-only teacher (and, for ``gopd_rc``, reference) worker group, HF rollout. The assertions are on metrics
+only the plugin logs, so they fail if the plugin trainer, its workers or the hand-over did not run. Slow: Ray
+start-up per run; runs hold /tmp/opd_heavy.lock.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+LOCK = "/tmp/opd_heavy.lock"
+RUN_TIMEOUT_S = 900
+LOCK_WAIT_S = 2400
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(LOCK_WAIT_S + RUN_TIMEOUT_S + 300)]
+
+COMMON = ("opd/teacher_time_s", "opd/discrepancy", "opd/discrepancy_decile/0", "opd/stage/final/adv_mean")
+EXPECTED = {
+    "exopd": COMMON + ("opd/stage/signal/adv_std", "actor/kl_loss"),
+    "gopd_rc": COMMON + ("opd/stage/signal/adv_mean",),
+    "iw_opd": COMMON + ("opd/weight_mean", "opd/weight_min", "opd/stage/weighting/adv_mean"),
+    "prefix_release": COMMON + ("opd/release/accept_rate", "opd/release/kept_fraction"),
+    "exopd_iw_release": COMMON + ("opd/weight_min", "opd/release/accept_rate", "opd/release/kept_fraction"),
+}
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tmp_path_factory):
+    """The demo teacher before its SFT: the reward-correction base model of ``gopd_rc``."""
+    from opd_verl.cpu.assets import HIDDEN_SIZE, NUM_LAYERS, TEACHER_INIT_SEED
+    from opd_verl.cpu.tiny import build_tiny_qwen2
+
+    path = tmp_path_factory.mktemp("base") / "teacher_base"
+    return build_tiny_qwen2(str(path), HIDDEN_SIZE, NUM_LAYERS, seed=TEACHER_INIT_SEED)
+
+
+def _run(tmp_path, recipe, *overrides):
+    cmd = [
+        "flock",
+        "-w",
+        str(LOCK_WAIT_S),
+        LOCK,
+        "timeout",
+        str(RUN_TIMEOUT_S),
+        sys.executable,
+        "-m",
+        "opd_verl.main",
+        f"+recipe={recipe}",
+        "opd.cpu_demo=true",
+        "trainer.total_training_steps=2",
+        "trainer.save_freq=2",
+        f"trainer.default_local_dir={tmp_path / 'run'}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        *overrides,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=dict(os.environ))
+    (tmp_path / "run.log").write_text(out.stdout + out.stderr)
+    assert out.returncode == 0, f"{recipe} failed (rc {out.returncode}); log tail:\n{(out.stdout + out.stderr)[-5000:]}"
+    by_step: dict[int, dict] = {}
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_step.setdefault(row["step"], {}).update(row["data"])
+    return by_step
+
+
+@pytest.mark.parametrize("recipe", sorted(EXPECTED))
+def test_recipe_trains_two_steps(tmp_path, recipe, request):
+    overrides = []
+    if recipe == "gopd_rc":
+        overrides.append(f"opd.reference.path={request.getfixturevalue('base_model_dir')}")
+    metrics = _run(tmp_path, recipe, *overrides)
+    assert sorted(metrics) == [1, 2]
+    for step, data in metrics.items():
+        for key in EXPECTED[recipe]:
+            assert key in data, f"{recipe} step {step}: plugin metric {key} missing"
+            assert math.isfinite(float(data[key])), f"{recipe} step {step}: {key}={data[key]}"
+        assert data["opd/teacher_time_s"] > 0
+        if "opd/weight_min" in EXPECTED[recipe]:
+            assert 1.0 <= data["opd/weight_min"] <= data["opd/weight_mean"] <= 1.5 + 1e-6
+        if "opd/release/kept_fraction" in EXPECTED[recipe]:
+            assert 0.0 < data["opd/release/kept_fraction"] <= 1.0
+    state = json.loads((tmp_path / "run" / "global_step_2" / "opd_state.json").read_text())
+    assert state["global_step"] == 2 and state["advantage_step"] == 2 and state["teacher_calls"] == 2
