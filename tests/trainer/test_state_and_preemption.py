@@ -1,0 +1,67 @@
+"""Plugin state beside veRL's checkpoint, restored on resume; a preemption request saves and ends the loop."""
+
+import json
+from unittest import mock
+
+import pytest
+from omegaconf import OmegaConf
+
+from opd_verl.trainer import preemption
+
+
+@pytest.fixture
+def trainer(tmp_path, monkeypatch):
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    from opd_verl.trainer.opd_trainer import OPDTrainer
+
+    saved = []
+
+    def fake_save(self):  # veRL's own save: actor/dataloader files, not needed here
+        saved.append(self.global_steps)
+
+    def fake_load(self):  # veRL's own resume: sets the step from the latest checkpoint folder
+        self.global_steps = 7
+
+    monkeypatch.setattr(PPOTrainer, "_save_checkpoint", fake_save)
+    monkeypatch.setattr(PPOTrainer, "_load_checkpoint", fake_load)
+    tr = object.__new__(OPDTrainer)
+    tr.config = OmegaConf.create(
+        {"trainer": {"default_local_dir": str(tmp_path), "resume_mode": "auto", "resume_from_path": None}}
+    )
+    tr.opd_state = {"advantage_step": 0, "teacher_calls": 0}
+    tr._saved_step = None
+    tr.checkpoint_manager = mock.Mock()
+    tr.timing_raw = {}
+    tr.saved = saved
+    yield tr
+    preemption.clear_preemption()
+
+
+def test_state_saved_and_restored(trainer, tmp_path):
+    trainer.global_steps = 7
+    trainer.opd_state.update(advantage_step=7, teacher_calls=7)
+    trainer._save_checkpoint()
+    state = json.loads((tmp_path / "global_step_7" / "opd_state.json").read_text())
+    assert state == {"advantage_step": 7, "teacher_calls": 7, "global_step": 7}
+
+    trainer.opd_state = {"advantage_step": 0, "teacher_calls": 0}
+    trainer._load_checkpoint()
+    assert trainer.global_steps == 7
+    assert trainer.opd_state == {"advantage_step": 7, "teacher_calls": 7}
+
+
+def test_preemption_saves_once_and_ends_the_loop(trainer):
+    trainer.global_steps, trainer.total_training_steps = 3, 10
+    trainer.on_step_end()  # no request: nothing happens
+    assert trainer.saved == [] and trainer.total_training_steps == 10
+    trainer.checkpoint_manager.update_weights.assert_called_with(3)
+
+    preemption.request_preemption("SIGUSR1")
+    trainer.on_step_end()
+    assert trainer.saved == [3] and trainer.total_training_steps == 3
+
+    trainer.global_steps, trainer.total_training_steps = 4, 10
+    trainer._saved_step = 4  # veRL's periodic save already ran this step
+    trainer.on_step_end()
+    assert trainer.saved == [3] and trainer.total_training_steps == 4
