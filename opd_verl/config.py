@@ -314,6 +314,7 @@ def _cross_checks(opd: OPDConfig, cfg: DictConfig | None) -> None:
         if not t.path:
             _fail(f"teachers.models.{t.name}.path", t.path, "a teacher model path (local directory) is required")
     if teachers.kind == "server":
+        _check_server_teachers(opd)
         if opd.release.enabled:
             _fail(
                 "teachers.kind",
@@ -349,6 +350,28 @@ def _cross_checks(opd: OPDConfig, cfg: DictConfig | None) -> None:
                 "loss unchanged) or algorithm.use_kl_in_reward=true; or give a base model with "
                 "opd.reference.kind=base_model opd.reference.path=PATH; or use lam=1",
             )
+
+
+def _check_server_teachers(opd: OPDConfig) -> None:
+    """What veRL's teacher servers (sampled-token log-probs, routed by a top-level sample field) can serve."""
+    teachers = opd.teachers
+    why = "veRL's teacher servers"
+    if teachers.routing_key != "data_source":
+        _fail("teachers.routing_key", teachers.routing_key, f"{why} route by data_source only; use teachers.kind=local")
+    if len({t.lam for t in teachers.models}) > 1:
+        lams = {t.name: t.lam for t in teachers.models}
+        _fail(
+            "teachers.models",
+            f"lam per teacher {lams}",
+            f"{why} take one lam for all teachers; use teachers.kind=local",
+        )
+    if len(teachers.models) > 1 and any(t.route is None for t in teachers.models):
+        name = next(t.name for t in teachers.models if t.route is None)
+        _fail(f"teachers.models.{name}.route", None, f"{why} need a route for every teacher when there are several")
+    if opd.task_coef != 0.0:
+        _fail("task_coef", opd.task_coef, "mixing task advantages needs the plugin trainer; use teachers.kind=local")
+    if opd.weighting.anneal:
+        _fail("weighting.anneal", True, f"annealing needs the training step, which {why} loss does not see")
 
 
 def parse_opd_section(raw: dict, cfg: DictConfig | None = None) -> OPDConfig:

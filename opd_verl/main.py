@@ -96,6 +96,10 @@ def run(cfg: DictConfig) -> None:
         validate_before_demo(cfg)
         cfg = prepare(cfg)
         opd = load_opd_config(cfg)
+        if opd.teachers.kind == "server" and opd.signal.name != "opsd":
+            from opd_verl.integration.server_teachers import apply_server_teachers
+
+            apply_server_teachers(cfg, opd)
     except OPDConfigError as err:
         sys.exit(f"opd_verl: invalid config: {err}")
     launch(cfg, opd)
