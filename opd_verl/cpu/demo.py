@@ -170,17 +170,18 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
         _set(cfg, f"{rollout}.max_num_batched_tokens", 4096)
         _set(cfg, f"{rollout}.checkpoint_engine.backend", "naive")
 
-        # veRL's built-in distillation (sampled-token reverse KL through the policy gradient) with the HF teacher
-        # replica, used while the recipe's estimator is not available (see `use_builtin_distillation`).
+        # Teachers served by veRL's distillation teacher loop run on the HF teacher replica: either veRL's own
+        # distillation loss while the plugin's trainer is not installed, or the plugin's `kind=server` translation.
+        teacher_inference = "distillation.teacher_models.teacher_model.inference"
+        _set(cfg, f"{teacher_inference}.name", "hf")
+        _set(cfg, f"{teacher_inference}.tensor_model_parallel_size", 1)
+        _set(cfg, f"{teacher_inference}.dtype", "float32")
         if use_builtin_distillation(cfg):
             dist = "distillation"
             _set(cfg, f"{dist}.enabled", True)
             _set(cfg, f"{dist}.n_gpus_per_node", 1)
             _set(cfg, f"{dist}.nnodes", 1)
             _set(cfg, f"{dist}.teacher_models.teacher_model.model_path", assets.teacher_path)
-            _set(cfg, f"{dist}.teacher_models.teacher_model.inference.name", "hf")
-            _set(cfg, f"{dist}.teacher_models.teacher_model.inference.tensor_model_parallel_size", 1)
-            _set(cfg, f"{dist}.teacher_models.teacher_model.inference.dtype", "float32")
             _set(cfg, f"{dist}.distillation_loss.loss_mode", "k1")
             _set(cfg, f"{dist}.distillation_loss.use_policy_gradient", True)
             _set(cfg, f"{dist}.distillation_loss.use_task_rewards", False)
@@ -223,10 +224,9 @@ def plugin_trainer_available() -> bool:
 
 
 def use_builtin_distillation(cfg: DictConfig) -> bool:
-    """True when the demo runs veRL's own distillation loss with the HF teacher replica.
-
-    That is the case while the plugin's trainer is not available, or when the recipe asks for veRL's teacher
-    servers (`opd.teachers.kind=server`).
+    """True when the demo runs veRL's own distillation loss (k1 through the policy gradient) with the HF teacher
+    replica: only while the plugin's trainer, which hands teacher/reference log-probs to its estimators, is not
+    installed. With it, `opd.teachers.kind` decides (local: the plugin's teacher worker; server: veRL's teacher
+    servers, here the HF teacher replica).
     """
-    kind = str(OmegaConf.select(cfg, "opd.teachers.kind", default="local"))
-    return kind == "server" or not plugin_trainer_available()
+    return not plugin_trainer_available()

@@ -33,8 +33,11 @@ def required_logical_gpus(cfg: DictConfig) -> int:
         cfg, "reward.reward_model.enable_resource_pool", default=False
     ):
         total += int(cfg.reward.reward_model.n_gpus_per_node) * int(cfg.reward.reward_model.nnodes)
+    # The plugin's teacher pool: its own workers (kind=local) or veRL's teacher servers (kind=server, whose
+    # `distillation.*` may be filled in after this count). Counting it as well never under-asks; spare logical
+    # GPUs cost nothing.
     opd_teachers = OmegaConf.select(cfg, "opd.teachers", default=None)
-    if opd_teachers is not None and str(opd_teachers.get("kind", "")) == "local":
+    if opd_teachers is not None:
         total += int(opd_teachers.get("n_gpus_per_node", 1)) * int(opd_teachers.get("nnodes", 1))
     return total
 
