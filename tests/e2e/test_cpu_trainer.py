@@ -84,3 +84,6 @@ def test_two_steps_then_resume(tmp_path):
     assert sorted(resumed) == [3], f"resume did not start after the step-2 checkpoint: steps {sorted(resumed)}"
     for key in REQUIRED:
         assert math.isfinite(float(resumed[3][key]))
+    # A fresh start has actor == reference at its first update (kl_loss 0, as at step 1 above); after loading the
+    # step-2 checkpoint the actor has moved away from the reference.
+    assert metrics[1]["actor/kl_loss"] == 0.0 and resumed[3]["actor/kl_loss"] > 0.0
