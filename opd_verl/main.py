@@ -62,6 +62,10 @@ def _task_runner(opd: OPDConfig):
 
     if opd.teachers.kind == "server" and opd.signal.name != "opsd":
         return TaskRunnerV1
+    if opd.signal.name == "opsd":
+        from opd_verl.trainer.opsd_trainer import OPSDTaskRunner
+
+        return OPSDTaskRunner
     from opd_verl.trainer.opd_trainer import OPDTaskRunner
 
     return OPDTaskRunner
@@ -91,17 +95,37 @@ def launch(cfg: DictConfig, opd: OPDConfig) -> None:
         summarize_run(cfg)
 
 
+def check_opsd_data(cfg: DictConfig, opd: OPDConfig) -> None:
+    """OPSD: every training row has a problem and a reference solution (error names file, row and column)."""
+    from opd_verl.opsd.inputs import check_solutions_in_files
+
+    files = OmegaConf.select(cfg, "data.train_files")
+    files = [files] if isinstance(files, str) else list(files)
+    report = check_solutions_in_files(files, opd.opsd.problem_key, opd.opsd.solution_key, opd.opsd.missing_solution)
+    if report["skipped"]:
+        print(
+            f"opd_verl: OPSD: {report['skipped']} of {report['rows']} training rows have no reference solution; "
+            "they are trained without the distillation loss (opd.opsd.missing_solution=skip)"
+        )
+
+
 def run(cfg: DictConfig) -> None:
+    from opd_verl.opsd.inputs import OPSDDataError
+
     try:
         validate_before_demo(cfg)
         cfg = prepare(cfg)
         opd = load_opd_config(cfg)
+        if opd.signal.name == "opsd":
+            check_opsd_data(cfg, opd)
         if opd.teachers.kind == "server" and opd.signal.name != "opsd":
             from opd_verl.integration.server_teachers import apply_server_teachers
 
             apply_server_teachers(cfg, opd)
     except OPDConfigError as err:
         sys.exit(f"opd_verl: invalid config: {err}")
+    except OPSDDataError as err:
+        sys.exit(f"opd_verl: invalid data: {err}")
     launch(cfg, opd)
 
 
