@@ -11,8 +11,7 @@ What `activate()` registers (each step idempotent):
 2. veRL's FSDP engines for device `cpu`, with a non-pinning FSDP2 offload policy (`opd_verl.cpu.engine`);
 3. the `hf` rollout: replica in `RolloutReplicaRegistry`, worker-side adapter in `_ROLLOUT_REGISTRY`
    (`opd_verl.cpu.registry_access`);
-4. the gloo backend default of veRL's process-group initialiser (`opd_verl.cpu.gloo_patch`);
-5. veRL's TRL detection when the installed TRL has no value-head model (`opd_verl.cpu.trl_compat`).
+4. the gloo backend default of veRL's process-group initialiser (`opd_verl.cpu.gloo_patch`).
 """
 
 from __future__ import annotations
@@ -51,14 +50,12 @@ def activate() -> None:
     from opd_verl.cpu.gloo_patch import patch_process_group_backend
     from opd_verl.cpu.platform import register_platform
     from opd_verl.cpu.registry_access import register_hf_rollout
-    from opd_verl.cpu.trl_compat import patch_trl_detection
 
     register_platform()
     register_engines()
     patch_offload_policy()
     register_hf_rollout()
     patch_process_group_backend()
-    patch_trl_detection()
     _active = True
 
 

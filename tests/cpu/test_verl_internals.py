@@ -4,7 +4,8 @@ import inspect
 
 import pytest
 
-from opd_verl.cpu import engine, gloo_patch, registry_access, trl_compat
+from opd_verl.cpu import engine, gloo_patch, registry_access
+from opd_verl.integration import trl_compat
 
 
 def test_rollout_adapter_registry_dict():

@@ -52,3 +52,17 @@ import opd_verl.integration.plugin
     assert out.returncode != 0
     assert "opd_verl: registering the plugin in veRL failed" in out.stderr
     assert "exopd" in out.stderr
+
+
+def test_entry_point_lets_verl_build_models_beside_trl():
+    # TRL 1.x (the test extra) has no value-head model; veRL's model patching would import it and fail.
+    code = """
+import verl
+from verl.models.transformers import monkey_patch
+print(monkey_patch.is_trl_available())
+"""
+    out = _run(code, VERL_USE_EXTERNAL_PLUGINS="opd_verl")
+    assert out.returncode == 0, out.stderr[-3000:]
+    from opd_verl.integration.trl_compat import trl_has_value_head
+
+    assert out.stdout.strip().splitlines()[-1] == str(trl_has_value_head())

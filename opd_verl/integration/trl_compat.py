@@ -38,7 +38,8 @@ def patch_trl_detection() -> bool:
     module = importlib.import_module(TARGET_MODULE)
     if not hasattr(module, TARGET_NAME):
         raise RuntimeError(
-            f"opd_verl: {TARGET_MODULE}.{TARGET_NAME} not found; veRL changed, update opd_verl/cpu/trl_compat.py."
+            f"opd_verl: {TARGET_MODULE}.{TARGET_NAME} not found; veRL changed: "
+            "update opd_verl/integration/trl_compat.py."
         )
     setattr(module, TARGET_NAME, lambda: False)
     return True
