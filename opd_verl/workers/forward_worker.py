@@ -187,6 +187,11 @@ class ForwardOnlyWorker(Worker):
 
         cfg = self.config
         prefix = cfg["output_prefix"]
+        if "prompts" not in data.keys():  # an empty shard (TransferQueue splits unevenly): keep FSDP ranks in step
+            for _ in self._micro_batches(0):
+                pad = torch.tensor([self.tokenizer.pad_token_id or 0])
+                response_logprobs(self.model, [pad], [pad], chunk_size=cfg["chunk_size"])
+            return TensorDict({}, batch_size=[0])
         prompts = [p.reshape(-1).long() for p in _rows(data["prompts"])]
         responses = [r.reshape(-1).long() for r in _rows(data["responses"])]
         n_rows = len(responses)

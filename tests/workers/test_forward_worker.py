@@ -144,3 +144,28 @@ def test_sentence_ids_on_worker(ray_cpu, model_dirs):
     for i, r in enumerate(responses):
         assert out["opd_sentence_ids"][i].tolist() == token_sentence_ids(r, tok, True)
     assert out["opd_sentence_ids"][0].max() == 3 and out["opd_sentence_ids"][1].max() == 0
+
+
+def test_two_rank_fsdp_group_matches_direct_forward(ray_cpu, model_dirs):
+    """Two ranks (gloo, FSDP2-sharded model over both), one row per forward, each rank scoring its own half."""
+    import ray
+    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+
+    from opd_verl.workers.forward_worker import ForwardOnlyWorker, forward_worker_config
+
+    pool = RayResourcePool(process_on_nodes=[2], use_gpu=False, max_colocate_count=1)
+    cls = RayClassWithInitArgs(
+        cls=ray.remote(ForwardOnlyWorker),
+        config=forward_worker_config(model_dirs["b"], "opd_teacher", micro_batch_size=1, chunk_size=2),
+    )
+    wg = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=cls, device_name="cpu")
+    wg.init_model()
+    prompts, responses = _rollouts(seed=11, bsz=6)
+    td = TensorDict({"prompts": _nested(prompts), "responses": _nested(responses)}, batch_size=[6])
+    out = wg.compute_logprobs(td)
+    assert len(set(wg.pid())) == 2
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        full = _direct(model_dirs["b"], p, r)
+        torch.testing.assert_close(
+            out["opd_teacher_log_probs"][i], full.gather(-1, r[:, None]).squeeze(-1), atol=1e-5, rtol=0
+        )
