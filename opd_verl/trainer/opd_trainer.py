@@ -384,6 +384,9 @@ class OPDTrainer(PPOTrainerSync):
 
         if self.opd.signal.name == "opsd" and self.opd.opsd.loss != "sampled":
             return super()._compute_advantage(batch, metrics)
+        if not self.uses_local_teachers and type(self)._compute_teacher_outputs is OPDTrainer._compute_teacher_outputs:
+            # teachers.kind=server: veRL's teacher servers and distillation loss carry the signal
+            return super()._compute_advantage(batch, metrics)
 
         owners = self._route(batch)
         with marked_timer("opd_teacher", self.timing_raw, color="purple"):
