@@ -213,11 +213,16 @@ class OPSDActorLoss:
             old = data["old_log_probs"]
             old = old.to_padded_tensor(0.0) if old.is_nested else old
             adv = sampled_token_advantages(t_lp, old, ctx)
-            values = torch.cat([adv[i, : int(len_i)] for i, len_i in enumerate(_lengths(response_mask, "mask"))])
+            lens = _lengths(response_mask, "response_mask")
+            values = torch.cat([adv[i, : int(len_i)] for i, len_i in enumerate(lens)])
             data = data.copy()
-            data["advantages"] = torch.nested.nested_tensor_from_jagged(values, response_mask.offsets())
+            # min/max seqlen cached so that to_padded_tensor pads to the longest response, as veRL's own fields do
+            data["advantages"] = torch.nested.nested_tensor_from_jagged(
+                values, response_mask.offsets(), min_seqlen=int(lens.min()), max_seqlen=int(lens.max())
+            )
             loss, metrics = ppo_loss(self.actor_config, model_output, data, dp_group)
             m = opsd_metrics(None, None, t_lp[ctx], old[ctx], ctx[ctx], n_ctx, n_samples)
+            m["opsd/loss"] = float(loss.detach())
         else:
             div = no_padding_2_padding(model_output["opsd_divergence"], data)
             clipped = no_padding_2_padding(model_output["opsd_clipped"], data).bool()
@@ -232,6 +237,8 @@ class OPSDActorLoss:
             m["opsd/loss"] = float(loss.detach())
         if not torch.isfinite(loss.detach()).all():
             raise FloatingPointError("OPSD loss is not finite")
+        # 1.0 when the teacher is the base model with the LoRA adapter disabled (frozen teacher under LoRA)
+        m["opsd/teacher_adapter_off"] = float(self.teacher.adapter_toggle)
         metrics.update(m)
         return loss, metrics
 

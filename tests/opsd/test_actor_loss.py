@@ -126,6 +126,8 @@ def test_actor_loss_sampled_variant_uses_pg_loss(tokenizer, tiny_model, monkeypa
     loss_fn = OPSDActorLoss(model, teacher, params, tokenizer, SETTINGS, config)
     _, metrics = _engine_calls(loss_fn, model, td, seqs)
     adv = captured["adv"]
+    # padded to the longest response, like veRL's own nested fields (ppo_loss multiplies it with (B, R) log-probs)
+    assert adv.shape == (len(RESPONSES), max(len(r) for r in RESPONSES))
     # advantage = teacher log-prob (privileged prompt, rollout temperature) - old_log_probs; 0 for the skipped row
     extra, rm = ROWS[0]
     t_prompt = privileged_prompt_ids(tokenizer, SETTINGS["teacher_template"], extra["problem"], rm["ground_truth"])
