@@ -28,6 +28,8 @@ DEMO_EXPERIMENT_PREFIX = "cpu_demo"
 TRUE_VALUES = ("true", "1", "yes", "on")
 FALSE_VALUES = ("false", "0", "no", "off")
 
+DEMO_LORA_RANK = 8
+
 # Sizes of the demo run (2-core CPU; ~5-10 s a step after start-up).
 DEMO_DEFAULTS = {
     "data.train_batch_size": 16,
@@ -139,6 +141,11 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
         _set(cfg, f"{model}.enable_gradient_checkpointing", False)
         _set(cfg, f"{model}.override_config.attn_implementation", "sdpa")
         _set(cfg, f"{model}.use_fused_kernels", False)
+        if (OmegaConf.select(cfg, f"{model}.lora_rank", default=0) or 0) > 0:
+            # LoRA (e.g. the opsd recipe): the HF replica takes merged weights only; a rank sized for the tiny model.
+            _set(cfg, f"{model}.lora.merge", True)
+            _set_default(cfg, f"{model}.lora_rank", DEMO_LORA_RANK, user_keys)
+            _set_default(cfg, f"{model}.lora_alpha", 2 * DEMO_LORA_RANK, user_keys)
         for role in ("actor", "ref"):
             _set(cfg, f"actor_rollout_ref.{role}.strategy", "fsdp2")
             _set(cfg, f"actor_rollout_ref.{role}.use_torch_compile", False)
