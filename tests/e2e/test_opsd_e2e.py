@@ -79,3 +79,23 @@ def test_opsd_recipe_trains_two_steps_with_lora_frozen_teacher(tmp_path):
     actor_ckpt = tmp_path / "run" / "global_step_2" / "actor"
     assert (actor_ckpt / "lora_train_meta.json").exists(), "LoRA was not active in the actor"
     assert not list(actor_ckpt.glob("opsd_teacher_rank*.pt")), "a frozen LoRA teacher keeps no weight copy"
+
+
+def test_opsd_sampled_variant_with_ema_teacher(tmp_path):
+    """``opd.opsd.loss=sampled`` through the same actor path, EMA teacher (adapter EMA) saved with the checkpoint."""
+    import torch
+
+    metrics = _run(tmp_path, "opd.opsd.loss=sampled", "opd.opsd.teacher=ema", "opd.opsd.ema_decay=0.9")
+    assert sorted(metrics) == [1, 2]
+    for step, data in metrics.items():
+        for key in ("actor/opsd/loss", "actor/opsd/sampled_gap_mean", "actor/opsd/context_fraction", "actor/pg_loss"):
+            assert key in data and math.isfinite(float(data[key])), f"step {step}: {key} missing or not finite"
+        assert "actor/opsd/divergence_mean" not in data  # no full-vocabulary divergence in the sampled variant
+        assert data["actor/opsd/teacher_adapter_off"] == 0.0
+    # Step 1 is on-policy (ratio 1, no clipping), so the PG loss is minus the token-mean advantage teacher - student.
+    gap, pg = metrics[1]["actor/opsd/sampled_gap_mean"], metrics[1]["actor/pg_loss"]
+    assert abs(pg + gap) <= 0.15 * abs(gap) + 1e-3, f"pg_loss {pg} vs sampled gap {gap}"
+    state = torch.load(tmp_path / "run" / "global_step_2" / "actor" / "opsd_teacher_rank0.pt", weights_only=True)
+    assert state["mode"] == "ema" and state["decay"] == 0.9
+    assert state["num_updates"] == 2  # one optimizer step per training step (one mini-batch per step in the demo)
+    assert state["shadow"] and all("lora_" in name for name in state["shadow"])  # the adapter only
