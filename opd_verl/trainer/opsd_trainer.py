@@ -33,7 +33,14 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from opd_verl.config import OPDConfigError
 from opd_verl.trainer.opd_trainer import OPD_TRAINER_NAME, OPDTaskRunnerBase, OPDTrainer
 
-__all__ = ["OPSD_TRAINER_NAME", "OPSD_ESTIMATOR", "OPSDTrainer", "OPSDTaskRunner", "opsd_worker_settings"]
+__all__ = [
+    "OPSD_ESTIMATOR",
+    "OPSD_TRAINER_NAME",
+    "OPSDTaskRunner",
+    "OPSDTrainer",
+    "check_opsd_supported",
+    "opsd_worker_settings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +61,32 @@ def opsd_worker_settings(config: DictConfig) -> dict[str, Any]:
     kwargs = OmegaConf.select(config, "data.apply_chat_template_kwargs", default=None)
     settings["chat_template_kwargs"] = OmegaConf.to_container(kwargs, resolve=True) if kwargs else {}
     return settings
+
+
+def check_opsd_supported(opd, config: DictConfig) -> None:
+    """Refuse what this trainer does not combine with OPSD (called in the driver before Ray, and by the trainer)."""
+    if opd.signal.name != "opsd":
+        raise OPDConfigError(f"OPSDTrainer needs opd.signal.name=opsd, got {opd.signal.name!r}")
+    if opd.release.enabled:
+        raise OPDConfigError("opd.release.enabled=true is not available with opd.signal.name=opsd: set it to false")
+    if opd.weighting.name != "none":
+        raise OPDConfigError(
+            f"opd.weighting.name={opd.weighting.name!r} is not available with opd.signal.name=opsd "
+            "(its loss is computed inside the actor): use weighting.name=none"
+        )
+    if opd.task_coef != 0.0:
+        raise OPDConfigError(f"opd.task_coef={opd.task_coef} is not available with opd.signal.name=opsd: use 0")
+    if OmegaConf.select(config, "actor_rollout_ref.model.use_fused_kernels", default=False):
+        raise OPDConfigError(
+            "opd.signal.name=opsd needs the student's logits, which actor_rollout_ref.model.use_fused_kernels=true "
+            "never materialises: set it to false"
+        )
+    sp = OmegaConf.select(config, "actor_rollout_ref.actor.ulysses_sequence_parallel_size", default=1) or 1
+    if int(sp) > 1:
+        raise OPDConfigError(
+            "opd.signal.name=opsd does not support sequence parallelism: set "
+            "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1"
+        )
 
 
 class OPSDTaskRunnerBase(OPDTaskRunnerBase):
@@ -82,31 +115,7 @@ class OPSDTrainer(OPDTrainer):
 
     def _check_supported(self) -> None:
         super()._check_supported()
-        if self.opd.signal.name != "opsd":
-            raise OPDConfigError(f"OPSDTrainer needs opd.signal.name=opsd, got {self.opd.signal.name!r}")
-        if self.opd.release.enabled:
-            raise OPDConfigError("opd.release.enabled=true is not available with opd.signal.name=opsd: set it to false")
-        if self.opd.weighting.name != "none":
-            raise OPDConfigError(
-                f"opd.weighting.name={self.opd.weighting.name!r} is not available with opd.signal.name=opsd "
-                "(its loss is computed inside the actor): use weighting.name=none"
-            )
-        if self.opd.task_coef != 0.0:
-            raise OPDConfigError(
-                f"opd.task_coef={self.opd.task_coef} is not available with opd.signal.name=opsd: use task_coef=0"
-            )
-        model = self.config.actor_rollout_ref.model
-        if model.get("use_fused_kernels", False):
-            raise OPDConfigError(
-                "opd.signal.name=opsd needs the student's logits, which actor_rollout_ref.model.use_fused_kernels=true "
-                "never materialises: set it to false"
-            )
-        sp = self.config.actor_rollout_ref.actor.get("ulysses_sequence_parallel_size", 1) or 1
-        if int(sp) > 1:
-            raise OPDConfigError(
-                "opd.signal.name=opsd does not support sequence parallelism: set "
-                "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1"
-            )
+        check_opsd_supported(self.opd, self.config)
 
     # ------------------------------------------------------------------ setup
     def _init_resource_pool_mgr(self):

@@ -44,3 +44,11 @@ def test_missing_problem_column_is_named(tmp_path):
     out = _main(tmp_path, f"data.train_files={bad}", "opd.opsd.problem_key=extra_info.question")
     assert out.returncode != 0
     assert f"{bad}: row 0 has no problem text in column 'extra_info.question'" in out.stderr, out.stderr[-2000:]
+
+
+def test_weighting_with_opsd_is_refused_in_the_driver(tmp_path):
+    good = _write(tmp_path / "good.parquet", ["1"])
+    out = _main(tmp_path, f"data.train_files={good}", "opd.opsd.loss=sampled", "opd.weighting.name=iw")
+    assert out.returncode != 0
+    assert "opd_verl: invalid config: opd.weighting.name='iw' is not available with opd.signal.name=opsd" in out.stderr
+    assert "ray init" not in out.stdout.lower()
