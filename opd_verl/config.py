@@ -302,9 +302,10 @@ def _cross_checks(opd: OPDConfig, cfg: DictConfig | None) -> None:
                 _fail(
                     "opsd.teacher",
                     opd.opsd.teacher,
-                    "with full fine-tuning (actor_rollout_ref.model.lora_rank=0) a frozen or ema teacher lives in "
-                    "another worker and cannot send full-vocabulary logits; use opsd.teacher=current, "
-                    "LoRA (actor_rollout_ref.model.lora_rank>0), or opsd.loss=topk|sampled",
+                    "the full-vocabulary loss with full fine-tuning (actor_rollout_ref.model.lora_rank=0) supports "
+                    "only the live policy as teacher; use opsd.teacher=current, LoRA (actor_rollout_ref.model."
+                    "lora_rank>0: the adapter off is the frozen teacher), or opsd.loss=topk|sampled (a float32 copy "
+                    "of the model in each actor worker)",
                 )
         return
 

@@ -382,9 +382,7 @@ class OPDTrainer(PPOTrainerSync):
         from verl.utils.debug import marked_timer
         from verl.workers.utils.padding import response_to_nested
 
-        if self.opd.signal.name == "opsd" and self.opd.opsd.loss != "sampled":
-            return super()._compute_advantage(batch, metrics)
-        if not self.uses_local_teachers and type(self)._compute_teacher_outputs is OPDTrainer._compute_teacher_outputs:
+        if not self.uses_local_teachers:
             # teachers.kind=server: veRL's teacher servers and distillation loss carry the signal
             return super()._compute_advantage(batch, metrics)
 
@@ -496,10 +494,7 @@ class OPDTrainer(PPOTrainerSync):
     def _stage_params(self):
         from opd_verl.objectives import StageParams
 
-        section = OmegaConf.to_container(self.config.opd, resolve=True)
-        if section["signal"]["name"] == "opsd":
-            section["signal"] = {"name": "opsd_sampled", "lam": 1.0}
-        return StageParams.from_config(section)
+        return StageParams.from_config(OmegaConf.to_container(self.config.opd, resolve=True))
 
     def _estimator_tensors(self, data, owners: list[int], base_ref) -> dict[str, torch.Tensor | None]:
         """`(B, T)` tensors for the estimator from the padded batch; lam per sample `(B,)`."""
