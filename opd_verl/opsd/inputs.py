@@ -1,4 +1,4 @@
-"""OPSD privileged teacher inputs (ALGORITHMS.md section 5): prompts from templates, dataset checks, batching.
+"""OPSD privileged teacher inputs (docs/objectives.md section 5): prompts from templates, dataset checks, batching.
 
 The teacher scores the student's own response under a privileged prompt (problem plus reference solution). Its
 input is the teacher prompt, tokenised through the model's chat template as one user message with the generation

@@ -1,4 +1,4 @@
-"""OPSD losses from the student's logits and the privileged teacher's forward (ALGORITHMS.md section 5).
+"""OPSD losses from the student's logits and the privileged teacher's forward (docs/objectives.md section 5).
 
 Runs where the student logits are (inside the actor's loss): the teacher forward on the privileged inputs happens
 in the same process under ``no_grad`` with the teacher's weights (:class:`opd_verl.opsd.teacher.TeacherWeights`),

@@ -1,4 +1,4 @@
-"""Per-sample teacher routing (ALGORITHMS.md section 2, multi-teacher): by ``data_source`` or ``extra_info.FIELD``.
+"""Per-sample teacher routing (docs/objectives.md section 2, multi-teacher): by ``data_source`` or ``extra_info.FIELD``.
 
 Each teacher of ``opd.teachers.models`` serves one routing-key value (``route``); at most one teacher has
 ``route: null`` and serves every sample no other teacher claims.

@@ -29,7 +29,7 @@ from typing import Any
 TEMPLATES = {
     # G-OPD authors' math prompt (their evaluation script appends this line to the problem).
     "gopd": "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}.",
-    # OPSD authors' student prompt (ALGORITHMS.md section 5).
+    # OPSD authors' student prompt (docs/objectives.md section 5).
     "opsd": "Problem: {problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}.",
 }
 

@@ -1,4 +1,4 @@
-"""Stage composition (ALGORITHMS.md section 6): stage-by-stage reference, params validation, metrics."""
+"""Stage composition (docs/objectives.md section 6): stage-by-stage reference, params validation, metrics."""
 
 import math
 

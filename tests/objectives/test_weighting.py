@@ -19,7 +19,7 @@ from opd_verl.objectives import (
 
 
 def _loop_iw(disc, mask, w_max):
-    """Naive per-token loop, straight from ALGORITHMS.md section 3 (float64)."""
+    """Naive per-token loop, straight from docs/objectives.md section 3 (float64)."""
     out = torch.zeros(disc.shape, dtype=torch.float64)
     for b in range(disc.shape[0]):
         total = sum(abs(float(disc[b, t])) for t in range(disc.shape[1]) if mask[b, t])
