@@ -1,4 +1,4 @@
-"""OPSD (on-policy self-distillation, docs/objectives.md section 5): privileged teacher inputs, teacher weights, losses."""
+"""OPSD (on-policy self-distillation, docs/objectives.md section 5): privileged teacher inputs, weights, losses."""
 
 from opd_verl.opsd.inputs import (
     OPSDDataError,
