@@ -154,23 +154,18 @@ class ReleaseResult(NamedTuple):
     n_kept: torch.Tensor  # (B,) int64
 
 
-def release(
+def _release_general(
     advantages: torch.Tensor,
-    response_mask: torch.Tensor,
+    mask: torch.Tensor,
     sentence_ids: torch.Tensor,
     margins: torch.Tensor,
-    min_segment: int = 2,
-    penalty: float = 2.0,
-    min_gain: float = 0.0,
+    min_segment: int,
+    penalty: float,
+    min_gain: float,
 ) -> ReleaseResult:
-    """Batched release rule (section 4 steps 2-5) with its diagnostics; see :func:`apply_release`."""
-    _check_rule_args(min_segment, penalty, min_gain)
-    check_same_shape(response_mask, advantages=advantages, sentence_ids=sentence_ids, margins=margins)
-    if sentence_ids.dtype.is_floating_point or sentence_ids.dtype == torch.bool:
-        raise ValueError(f"sentence_ids must be an integer tensor, got dtype {sentence_ids.dtype}")
+    """Release rule for any sentence ids (masked positions may hold anything); ``mask`` is `(B, T)` bool."""
     device = advantages.device
-    batch, length = response_mask.shape
-    mask = response_mask.bool()
+    batch, length = mask.shape
     zero32 = torch.zeros((), dtype=torch.float32, device=device)
     with torch.no_grad():
         marg = torch.where(mask, margins.double(), torch.zeros((), dtype=torch.float64, device=device))
@@ -195,7 +190,7 @@ def release(
         x = sums / counts.clamp_min(1.0)
 
         # step 3: change point per row
-        cp = _change_points(x, n_sent, min_segment, float(penalty), float(min_gain))
+        cp = _change_points(x, n_sent, min_segment, penalty, min_gain)
 
         # step 4: first token of sentence tau* = number of positions before it (compact is non-decreasing)
         first_tok = (compact < cp.tau[:, None]).sum(dim=-1)
@@ -211,6 +206,144 @@ def release(
         if not bool(torch.isfinite(out).all()):
             check_finite_at_valid("advantages", torch.where(mask, advantages.float(), zero32), mask)
     return ReleaseResult(out, release_index, cp.accepted, cp.gain, n_sent, n_valid, n_kept)
+
+
+_CHUNK_ROWS = 16
+
+
+def _ids_sorted(ids: torch.Tensor) -> bool:
+    """Whether every row of the `(B, T)` integer ``ids`` is >= 0 and non-decreasing over all positions.
+
+    Checked in row chunks through one reused buffer (no `(B, T)` temporary)."""
+    batch, length = ids.shape
+    if bool((ids[:, 0] < 0).any()):
+        return False
+    if length < 2:
+        return True
+    buf = torch.empty(min(batch, _CHUNK_ROWS), length - 1, dtype=torch.bool, device=ids.device)
+    for start in range(0, batch, _CHUNK_ROWS):
+        rows = ids[start : start + _CHUNK_ROWS]
+        out = buf[: rows.shape[0]]
+        torch.ge(rows[:, 1:], rows[:, :-1], out=out)
+        if not bool(out.all()):
+            return False
+    return True
+
+
+def _release_sorted(
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    sentence_ids: torch.Tensor,
+    margins: torch.Tensor,
+    min_segment: int,
+    penalty: float,
+    min_gain: float,
+) -> ReleaseResult | None:
+    """Release rule when the sentence ids are >= 0 and non-decreasing over *every* position of each row (what
+    :func:`batch_sentence_ids` produces); None otherwise (the caller then uses :func:`_release_general`).
+
+    Raw id ``j`` occupies the positions ``[start_j, start_{j+1})`` (``searchsorted``), so the per-sentence token
+    counts and float64 margin sums are differences of row prefix sums taken at those `(B, W)` boundaries: the
+    `(B, T)` work is two prefix sums (computed in row chunks through reused buffers) and the output. Sentences are
+    the raw ids that hold at least one valid token, in order, as in :func:`_release_general`.
+    """
+    batch, length = mask.shape
+    if batch == 0 or length == 0:
+        return None
+    device = mask.device
+    ids = sentence_ids if sentence_ids.dtype == torch.int64 else sentence_ids.long()
+    ids = ids.contiguous()
+    width = int(ids[:, -1].max()) + 1 if bool((ids[:, -1] >= 0).all()) else 0
+    if width == 0 or width > 2 * length + 64 or not _ids_sorted(ids):
+        return None
+
+    # starts[:, j] = first position with id >= j; starts[:, width] = length
+    bounds = torch.arange(width + 1, device=device).expand(batch, width + 1).contiguous()
+    starts = torch.searchsorted(ids, bounds)
+    # prefix value before position p is the inclusive prefix sum at p - 1 (0 at p = 0)
+    before = (starts - 1).clamp_min(0)
+    at_zero = starts == 0
+    count_prefix = torch.empty(batch, width + 1, dtype=torch.int64, device=device)
+    sum_prefix = torch.empty(batch, width + 1, dtype=torch.float64, device=device)
+    rows = min(batch, _CHUNK_ROWS)
+    count_buf = torch.empty(rows, length, dtype=torch.int64, device=device)
+    marg_buf = torch.empty(rows, length, dtype=margins.dtype, device=device)
+    sum_buf = torch.empty(rows, length, dtype=torch.float64, device=device)
+    zero_m = torch.zeros((), dtype=margins.dtype, device=device)
+    for start in range(0, batch, _CHUNK_ROWS):
+        end = min(start + _CHUNK_ROWS, batch)
+        n = end - start
+        torch.cumsum(mask[start:end], dim=-1, out=count_buf[:n])
+        torch.where(mask[start:end], margins[start:end], zero_m, out=marg_buf[:n])
+        torch.cumsum(marg_buf[:n], dim=-1, dtype=torch.float64, out=sum_buf[:n])
+        torch.gather(count_buf[:n], 1, before[start:end], out=count_prefix[start:end])
+        torch.gather(sum_buf[:n], 1, before[start:end], out=sum_prefix[start:end])
+    count_prefix.masked_fill_(at_zero, 0)
+    sum_prefix.masked_fill_(at_zero, 0.0)
+    counts = count_prefix.diff(dim=-1)  # (B, W) valid tokens per raw id
+    sums = sum_prefix.diff(dim=-1)
+    if not bool(torch.isfinite(sums).all()):
+        check_finite_at_valid("margins", margins, mask)
+
+    # compact the raw ids that hold valid tokens into sentences 0..J_b-1
+    nonempty = counts > 0
+    through = nonempty.long().cumsum(dim=-1)  # sentences up to and including raw id j
+    n_sent = through[:, -1].clone()
+    n_width = max(int(n_sent.max()), 1)
+    slot = torch.where(nonempty, through - 1, torch.full((), n_width, dtype=torch.int64, device=device))
+    raw_x = sums / counts.clamp_min(1).double()
+    x = torch.zeros(batch, n_width + 1, dtype=torch.float64, device=device).scatter_(1, slot, raw_x)[:, :n_width]
+
+    cp = _change_points(x, n_sent, min_segment, penalty, min_gain)
+
+    # first token of sentence tau*: the first valid position of raw id r* (the (tau* + 1)-th non-empty id)
+    before_tau = through <= cp.tau[:, None]
+    r_star = before_tau.sum(dim=-1).clamp_max(width - 1)
+    first_tok = starts.gather(1, r_star[:, None])[:, 0]
+    accepted = cp.accepted
+    first_valid = mask.gather(1, first_tok.clamp_max(length - 1)[:, None])[:, 0]
+    for b in torch.nonzero(accepted & ~first_valid).flatten().tolist():
+        p = int(first_tok[b])
+        first_tok[b] = p + int(torch.nonzero(mask[b, p:])[0, 0])
+    release_index = torch.where(accepted, first_tok, torch.full_like(first_tok, length))
+
+    n_valid = counts.sum(dim=-1)
+    n_kept = torch.where(accepted, (counts * before_tau).sum(dim=-1), n_valid)
+    scale = n_valid.float() / n_kept.clamp_min(1).float()
+    if advantages.dtype == torch.float32:
+        out = advantages * scale[:, None]
+    else:
+        out = advantages.float().mul_(scale[:, None])
+    out.masked_fill_(~mask, 0.0)
+    for b, index in enumerate(release_index.tolist()):
+        if index < length:
+            out[b, index:].zero_()
+    if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
+        zero32 = torch.zeros((), dtype=torch.float32, device=device)
+        check_finite_at_valid("advantages", torch.where(mask, advantages.float(), zero32), mask)
+    return ReleaseResult(out, release_index, accepted, cp.gain, n_sent, n_valid, n_kept)
+
+
+def release(
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    sentence_ids: torch.Tensor,
+    margins: torch.Tensor,
+    min_segment: int = 2,
+    penalty: float = 2.0,
+    min_gain: float = 0.0,
+) -> ReleaseResult:
+    """Batched release rule (section 4 steps 2-5) with its diagnostics; see :func:`apply_release`."""
+    _check_rule_args(min_segment, penalty, min_gain)
+    check_same_shape(response_mask, advantages=advantages, sentence_ids=sentence_ids, margins=margins)
+    if sentence_ids.dtype.is_floating_point or sentence_ids.dtype == torch.bool:
+        raise ValueError(f"sentence_ids must be an integer tensor, got dtype {sentence_ids.dtype}")
+    mask = response_mask.bool()
+    with torch.no_grad():
+        fast = _release_sorted(advantages, mask, sentence_ids, margins, min_segment, float(penalty), float(min_gain))
+        if fast is not None:
+            return fast
+        return _release_general(advantages, mask, sentence_ids, margins, min_segment, float(penalty), float(min_gain))
 
 
 def apply_release(
