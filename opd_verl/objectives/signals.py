@@ -40,9 +40,10 @@ def check_finite_at_valid(name: str, values: torch.Tensor, mask: torch.Tensor) -
 
 def _finalize(raw: torch.Tensor, mask: torch.Tensor, what: str) -> torch.Tensor:
     """0 where ``mask`` is false (whatever ``raw`` holds there: -inf/NaN at padding are fine); raise on NaN/inf
-    at a valid position."""
-    out = torch.where(mask, raw, torch.zeros((), dtype=raw.dtype, device=raw.device))
-    if not bool(torch.isfinite(out).all()):
+    at a valid position. ``raw`` is a fresh tensor and is overwritten in place (no `(B, T)` temporary); one sum
+    stands for the finiteness check (a non-finite sum is then checked entry by entry)."""
+    out = torch.where(mask, raw, torch.zeros((), dtype=raw.dtype, device=raw.device), out=raw)
+    if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
         check_finite_at_valid(what, out, mask)
     return out
 
@@ -132,7 +133,7 @@ def gopd_advantages(
                 return _finalize(teacher - student, mask, "teacher_logprobs - student_logprobs")
             if ref_logprobs is None:
                 raise ValueError(f"lam={lam} != 1 needs ref_logprobs (a reference model's log-probs); got None")
-            raw = torch.add(teacher * lam, ref_logprobs.float(), alpha=1.0 - lam).sub_(student)
+            raw = (teacher * lam).add_(ref_logprobs.float(), alpha=1.0 - lam).sub_(student)
             return _finalize(raw, mask, what)
         lam = lam.to(student.device)
         ext = lam[:, None] != 1.0

@@ -23,6 +23,7 @@ __all__ = [
 
 POSITION_MODES = ("prefix_mask", "suffix_mask", "prefix_weight")
 _IW_EPS = 1e-8
+_CHUNK_ROWS = 16
 
 
 def _check_number(name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> float:
@@ -53,18 +54,53 @@ def iw_opd_weights(discrepancy: torch.Tensor, response_mask: torch.Tensor, w_max
     """
     check_same_shape(response_mask, discrepancy=discrepancy)
     w_max = _check_number("w_max", w_max, 1.0)
-    mask = response_mask.bool()
-    zero = torch.zeros((), dtype=torch.float32, device=discrepancy.device)
     with torch.no_grad():
-        d = torch.where(mask, discrepancy.float(), zero).abs_()
-        csum = d.cumsum(dim=-1)
-        total = csum[:, -1:].clone() if csum.shape[-1] else csum.sum(dim=-1, keepdim=True)
+        return _iw_weighted(discrepancy, response_mask.bool(), w_max, None)
+
+
+def _iw_weighted(
+    discrepancy: torch.Tensor, mask: torch.Tensor, w_max: float, advantages: torch.Tensor | None
+) -> torch.Tensor:
+    """IW-OPD weights, times ``advantages`` where given, computed in row chunks.
+
+    Each chunk of rows goes through the whole chain of in-place operations while it is in cache, with ``d`` in
+    one reused buffer, so the only `(B, T)` allocation is the result.
+
+    Args:
+        discrepancy: `(B, T)` signed discrepancy.
+        mask: `(B, T)` bool.
+        advantages: `(B, T)` or None.
+
+    Returns:
+        `(B, T)` float32: ``g`` (or ``g * A``), 0 where the mask is false.
+    """
+    batch, length = mask.shape
+    device = discrepancy.device
+    out = torch.empty(batch, length, dtype=torch.float32, device=device)
+    if batch == 0 or length == 0:
+        return out
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    disc = discrepancy if discrepancy.dtype == torch.float32 else discrepancy.float()
+    adv = None
+    if advantages is not None:
+        adv = advantages if advantages.dtype == torch.float32 else advantages.float()
+    rows = min(batch, _CHUNK_ROWS)
+    d_buf = torch.empty(rows, length, dtype=torch.float32, device=device)
+    for start in range(0, batch, _CHUNK_ROWS):
+        end = min(start + _CHUNK_ROWS, batch)
+        m = mask[start:end]
+        d = torch.where(m, disc[start:end], zero, out=d_buf[: end - start]).abs_()
+        csum = torch.cumsum(d, dim=-1, out=out[start:end])
+        total = csum[:, -1:].clone()
         if not bool(torch.isfinite(total).all()):
-            check_finite_at_valid("discrepancy", d, mask)
+            check_finite_at_valid("discrepancy", disc, mask)
         # exclusive prefix fraction F_{t-1} = (cumsum(d)_t - d_t) / (sum(d) + eps)
         frac = csum.sub_(d).div_(total + _IW_EPS)
         weights = frac.neg_().add_(1.0).clamp_(0.0, 1.0).mul_(w_max - 1.0).add_(1.0)
-        return torch.where(mask, weights, zero)
+        if adv is not None:
+            weights.mul_(adv[start:end])
+        torch.where(m, weights, zero, out=weights)
+    return out
 
 
 def iw_opd_advantages(
@@ -86,10 +122,10 @@ def iw_opd_advantages(
         `(B, T)` float32, detached, 0 where the mask is 0.
     """
     check_same_shape(response_mask, advantages=advantages, discrepancy=discrepancy)
-    weights = iw_opd_weights(advantages if discrepancy is None else discrepancy, response_mask, w_max)
-    mask = response_mask.bool()
+    w_max = _check_number("w_max", w_max, 1.0)
     with torch.no_grad():
-        return torch.where(mask, advantages.float(), torch.zeros((), device=advantages.device)).mul_(weights)
+        disc = advantages if discrepancy is None else discrepancy
+        return _iw_weighted(disc, response_mask.bool(), w_max, advantages)
 
 
 def _valid_rank_and_count(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
