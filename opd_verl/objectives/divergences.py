@@ -115,6 +115,54 @@ def _gjsd_rows_grad(
     return (psg - p_s * psg.sum(dim=-1, keepdim=True)) / temperature
 
 
+def _forward_kl_rows_inplace(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, pointwise_clip: float | None
+) -> torch.Tensor:
+    """:func:`_gjsd_rows` at ``beta = 0`` (same operations, same values) without autograd, reusing its buffers.
+
+    Args:
+        student_logits: `(N, V)`; teacher_logits: `(N, V)`.
+
+    Returns:
+        `(N,)` float32 per-row KL(teacher || student).
+    """
+    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    p_t = log_t.exp()
+    diff = log_t.sub_(log_s)
+    terms = torch.where(p_t > 0, diff, torch.zeros((), dtype=diff.dtype, device=diff.device), out=diff).mul_(p_t)
+    if pointwise_clip is not None:
+        terms.clamp_(max=pointwise_clip)
+    return terms.sum(dim=-1)
+
+
+def _forward_kl_grad_inplace(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    pointwise_clip: float | None,
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """:func:`_gjsd_rows_grad` at ``beta = 0`` times ``grad_out`` (same values), written into ``out``.
+
+    With ``g_v = p_T,v * active_v`` the gradient is ``(p_S * sum(g) - g) / temperature``; at ``p_T,v = 0`` the
+    entry's activity does not matter (``g_v = 0`` either way), so no masking of ``0 * -inf`` is needed.
+
+    Args:
+        student_logits, teacher_logits: `(N, V)`; grad_out: `(N, 1)` float32; out: `(N, V)` destination.
+    """
+    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    g = log_t.exp()
+    if pointwise_clip is not None:
+        terms = torch.where(g > 0, log_t.sub_(log_s), torch.zeros((), dtype=g.dtype, device=g.device), out=log_t)
+        g.mul_(terms.mul_(g).le_(pointwise_clip))
+    total = g.sum(dim=-1, keepdim=True)
+    grad = log_s.exp_().mul_(total).sub_(g).div_(temperature)
+    torch.mul(grad, grad_out, out=out)
+
+
 class _ChunkedGJSD(torch.autograd.Function):
     """Row-chunked generalized JSD whose backward recomputes each chunk (checkpoint style, analytic gradient).
 
@@ -131,9 +179,14 @@ class _ChunkedGJSD(torch.autograd.Function):
         with torch.no_grad():
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
-                out[start:end] = _gjsd_rows(
-                    student_logits[start:end], teacher_logits[start:end], beta, temperature, pointwise_clip
-                )
+                if beta == 0:
+                    out[start:end] = _forward_kl_rows_inplace(
+                        student_logits[start:end], teacher_logits[start:end], temperature, pointwise_clip
+                    )
+                else:
+                    out[start:end] = _gjsd_rows(
+                        student_logits[start:end], teacher_logits[start:end], beta, temperature, pointwise_clip
+                    )
         ctx.save_for_backward(student_logits, teacher_logits)
         ctx.args = (beta, temperature, pointwise_clip, chunk_size)
         return out
@@ -149,6 +202,16 @@ class _ChunkedGJSD(torch.autograd.Function):
             with torch.no_grad():
                 for start in range(0, n, chunk_size):
                     end = min(start + chunk_size, n)
+                    if beta == 0:
+                        _forward_kl_grad_inplace(
+                            student_logits[start:end],
+                            teacher_logits[start:end],
+                            temperature,
+                            pointwise_clip,
+                            grad_out[start:end, None].float(),
+                            grad_student[start:end],
+                        )
+                        continue
                     grad = _gjsd_rows_grad(
                         student_logits[start:end], teacher_logits[start:end], beta, temperature, pointwise_clip
                     )
