@@ -1,7 +1,9 @@
-"""Supervised fine-tuning of the demo models on the addition task (plain torch, CPU; the teacher a minute or two).
+"""Supervised fine-tuning of the demo models on the addition task (plain torch, CPU; ~30 s for the teacher).
 
-The teacher sees the same chat-formatted prompts the trainer will use and learns the answer tokens plus
-`<|im_end|>` (loss on response tokens only). The result is saved over the initial weights in place.
+Both models see the same chat-formatted prompts the trainer will use and learn the answer tokens plus `<|im_end|>`
+(loss on response tokens only). The result is saved over the initial weights in place. Training runs a fixed
+number of steps by default (`max_seconds=None`): a wall-clock cut-off would make the cached models depend on how
+busy the machine was while they were built.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ def _encode(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def response_nll(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of the masked tokens. ids, mask: `[N, L]`. Returns a scalar."""
+def response_nll(model, ids: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean negative log-likelihood of the masked tokens (cross-entropy with `label_smoothing`). ids, mask: `[N, L]`.
+    Returns a scalar."""
     logits = model(input_ids=ids).logits[:, :-1].float()
     target, weight = ids[:, 1:], mask[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none", label_smoothing=label_smoothing
+    )
     return (nll * weight.reshape(-1)).sum() / weight.sum().clamp_min(1.0)
 
 
@@ -67,8 +72,9 @@ def train_teacher(
     steps: int = 1000,
     batch_size: int = 64,
     lr: float = 3e-3,
-    max_seconds: float = 120.0,
+    max_seconds: float | None = None,
     seed: int = 0,
+    label_smoothing: float = 0.0,
     log=print,
 ) -> dict:
     """Train the model in `model_dir` on `train_file`'s answers and save it back. Returns loss/accuracy/time stats."""
@@ -88,7 +94,7 @@ def train_teacher(
     model.train()
     for step in range(1, steps + 1):
         idx = torch.randint(0, ids.shape[0], (batch_size,))
-        loss = response_nll(model, ids[idx], mask[idx])
+        loss = response_nll(model, ids[idx], mask[idx], label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -97,7 +103,7 @@ def train_teacher(
         loss_value = loss.item()
         if step % 250 == 0:
             log(f"opd_verl: SFT step {step}/{steps} loss {loss_value:.3f} ({time.time() - start:.0f}s)")
-        if time.time() - start > max_seconds:
+        if max_seconds is not None and time.time() - start > max_seconds:
             break
     model.eval()
     stats = {
