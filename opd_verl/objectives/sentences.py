@@ -18,9 +18,8 @@ before them.
 
 from __future__ import annotations
 
-import bisect
 import weakref
-from itertools import accumulate
+from itertools import compress
 from typing import Any
 
 import torch
@@ -72,6 +71,10 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
 def _token_pieces(token_ids: list[int], tokenizer: Any) -> list[str]:
     """Text of each token as it appears inside a decoded response (cached per tokenizer and id)."""
     cache = _pieces_cache(tokenizer)
+    try:
+        return list(map(cache.__getitem__, token_ids))
+    except KeyError:
+        pass
     missing = {t for t in token_ids if t not in cache}
     if missing:
         anchor = _anchor(tokenizer, cache)
@@ -122,19 +125,44 @@ def token_sentence_ids(token_ids, tokenizer: Any, split_newlines: bool = True) -
     token_ids = [int(t) for t in token_ids]
     if not token_ids:
         return []
-    pieces = _token_pieces(token_ids, tokenizer)
-    lengths = [len(p) for p in pieces]
-    ends = _sentence_ends("".join(pieces), split_newlines)
-    # first character at offset o lies in the first sentence whose end is beyond o; the last sentence also takes
-    # any trailing whitespace, so search the ends without the last one
-    inner = ends[:-1]
-    offsets = accumulate(lengths, initial=0)
-    raw = [bisect.bisect_right(inner, off) if n else -1 for off, n in zip(offsets, lengths)]
-    # empty tokens (-1) join the sentence before them; ids are non-decreasing, so that is a running max
-    filled = list(accumulate(raw, max, initial=0))[1:]
-    # renumber without gaps (a sentence can hold no token start, e.g. when one token spans two sentences)
-    rank = {sid: i for i, sid in enumerate(sorted(set(filled)))}
-    return [rank[sid] for sid in filled]
+    return _rows_sentence_ids([token_ids], tokenizer, split_newlines)[0, : len(token_ids)].tolist()
+
+
+def _rows_sentence_ids(rows: list[list[int]], tokenizer: Any, split_newlines: bool) -> torch.Tensor:
+    """Sentence ids of several responses at once, `(R, L_max)` int64 (row r valid in its first ``len(rows[r])``).
+
+    Decoding and Punkt run per row (text work); the token-to-sentence mapping runs batched in torch: the first
+    character of a token at offset o lies in the first sentence whose end is beyond o (the last sentence also
+    takes any trailing whitespace, so its end is left out), empty tokens join the sentence before them (a running
+    max) and the ids are renumbered without gaps (a sentence may hold no token start).
+    """
+    n_rows = len(rows)
+    width = max((len(r) for r in rows), default=0)
+    lengths = torch.zeros(n_rows, width, dtype=torch.int64)
+    inner_rows: list[list[int]] = []
+    for r, token_ids in enumerate(rows):
+        if not token_ids:
+            inner_rows.append([])
+            continue
+        pieces = _token_pieces(token_ids, tokenizer)
+        row_lengths = list(map(len, pieces))
+        lengths[r, : len(row_lengths)] = torch.tensor(row_lengths, dtype=torch.int64)
+        inner_rows.append(_sentence_ends("".join(pieces), split_newlines)[:-1])
+    if width == 0:
+        return lengths
+    n_inner = max(max((len(e) for e in inner_rows), default=0), 1)
+    big = torch.iinfo(torch.int64).max
+    inner = torch.full((n_rows, n_inner), big, dtype=torch.int64)
+    for r, ends in enumerate(inner_rows):
+        if ends:
+            inner[r, : len(ends)] = torch.tensor(ends, dtype=torch.int64)
+    offsets = lengths.cumsum(dim=-1).sub_(lengths)
+    raw = torch.searchsorted(inner, offsets, right=True)
+    raw = torch.where(lengths > 0, raw, torch.full((), -1, dtype=torch.int64))
+    filled = raw.cummax(dim=-1).values.clamp_min_(0)
+    rank = torch.zeros_like(filled)
+    rank[:, 1:] = (filled[:, 1:] != filled[:, :-1]).cumsum(dim=-1)
+    return rank
 
 
 def sentence_spans(token_ids, tokenizer: Any, split_newlines: bool = True) -> list[tuple[int, int]]:
@@ -176,15 +204,18 @@ def batch_sentence_ids(
             f"responses and response_mask must have the same (B, T) shape, got {tuple(responses.shape)} and "
             f"{tuple(response_mask.shape)}"
         )
-    out = torch.zeros(responses.shape, dtype=torch.int64)
-    ids_cpu = responses.detach().cpu()
+    batch, length = responses.shape
     mask_cpu = response_mask.detach().cpu().bool()
-    for row in range(responses.shape[0]):
-        positions = torch.nonzero(mask_cpu[row]).flatten()
-        if positions.numel() == 0:
-            continue
-        sids = torch.tensor(token_sentence_ids(ids_cpu[row, positions], tokenizer, split_newlines))
-        filled = torch.full((responses.shape[1],), -1, dtype=torch.int64)
-        filled[positions] = sids
-        out[row] = filled.cummax(dim=0).values.clamp_min(0)
+    ids_rows = responses.detach().cpu().tolist()
+    mask_rows = mask_cpu.tolist()
+    rows = [list(compress(ids, keep)) for ids, keep in zip(ids_rows, mask_rows)]
+    out = torch.full((batch, length), -1, dtype=torch.int64)
+    if batch and length:
+        sids = _rows_sentence_ids(rows, tokenizer, split_newlines)
+        n_valid = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+        in_row = torch.arange(sids.shape[1])[None, :] < n_valid[:, None]
+        out[mask_cpu] = sids[in_row]
+        out = out.cummax(dim=-1).values.clamp_min_(0)
+    else:
+        out.zero_()
     return out.to(responses.device)
