@@ -1,4 +1,4 @@
-"""Pure-torch on-policy distillation objectives (ALGORITHMS.md). Imports only torch (and nltk for sentences)."""
+"""Pure-torch on-policy distillation objectives (docs/objectives.md). Imports only torch (and nltk for sentences)."""
 
 from opd_verl.objectives.compose import (
     SIGNAL_NAMES,

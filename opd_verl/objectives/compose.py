@@ -1,4 +1,4 @@
-"""Composition of the stages (ALGORITHMS.md section 6).
+"""Composition of the stages (docs/objectives.md section 6).
 
 ``A = release(weighting(signal)) + task_coef * task_advantages``. The parameter dataclasses mirror the ``opd:``
 section of ``hydra_configs/opd_trainer.yaml`` field by field (``signal.*``, ``weighting.*``, ``release.*``,

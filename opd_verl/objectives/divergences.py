@@ -1,4 +1,4 @@
-"""Full-vocabulary divergences for OPSD (ALGORITHMS.md section 5): generalized JSD, chunked and top-k.
+"""Full-vocabulary divergences for OPSD (docs/objectives.md section 5): generalized JSD, chunked and top-k.
 
 Convention (TRL GKD): ``beta = 0`` is KL(teacher || student), ``beta = 1`` is KL(student || teacher), otherwise
 ``beta * KL(T || M) + (1 - beta) * KL(S || M)`` with the mixture ``M = beta * T + (1 - beta) * S`` in probability
@@ -227,7 +227,7 @@ def generalized_jsd(
     pointwise_clip: float | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Per-position generalized Jensen-Shannon divergence over the full vocabulary (ALGORITHMS.md section 5).
+    """Per-position generalized Jensen-Shannon divergence over the full vocabulary (docs/objectives.md section 5).
 
     ``beta = 0``: KL(teacher || student); ``beta = 1``: KL(student || teacher); otherwise
     ``beta * KL(T || M) + (1 - beta) * KL(S || M)``, ``M = beta * T + (1 - beta) * S``. Matches TRL's

@@ -1,4 +1,4 @@
-"""Prefix-Teach release rule (ALGORITHMS.md section 4): teacher margins, change point, release.
+"""Prefix-Teach release rule (docs/objectives.md section 4): teacher margins, change point, release.
 
 Every step is vectorised over rows and splits (cumulative sums, no Python loop over tokens or splits).
 """
@@ -24,7 +24,7 @@ def topk_margin(teacher_logprobs_at_candidates: torch.Tensor, kind: str = "prob"
     Args:
         teacher_logprobs_at_candidates: `(B, T, K)` teacher log-probs at the student's K highest-ranked ids,
             K >= 2.
-        kind: ``prob`` (default, **[inferred]**): the teacher's probabilities renormalised over the K
+        kind: ``prob`` (default, **[our choice]**): the teacher's probabilities renormalised over the K
             candidates, margin in [0, 1]; ``logprob``: difference of the raw log-probs, >= 0.
 
     Returns:
@@ -123,7 +123,7 @@ def release_change_point(
     Args:
         sentence_scores: `(J,)` mean teacher margin per sentence, finite.
         min_segment: minimum sentences on each side, >= 1.
-        penalty: multiplier of ln(J), >= 0 (**[inferred]** default 2: a second mean and the change location).
+        penalty: multiplier of ln(J), >= 0 (**[our choice]** default 2: a second mean and the change location).
         min_gain: acceptance threshold on the gain.
 
     Returns:

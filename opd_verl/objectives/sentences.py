@@ -1,11 +1,11 @@
-"""Sentence segmentation of response tokens for the release rule (ALGORITHMS.md section 4 step 2).
+"""Sentence segmentation of response tokens for the release rule (docs/objectives.md section 4 step 2).
 
 The response is decoded, split into sentences with NLTK's Punkt sentence tokenizer (an untrained
 ``PunktSentenceTokenizer``: no downloaded data) and also at newlines, and every token is mapped to the sentence
 in which its first character falls. Tokens that decode to no characters (special tokens, EOS) join the sentence
 before them.
 
-**[inferred]** details, fixed here and tested:
+**[our choice]** details, fixed here and tested:
 
 - The decoded text is the concatenation of each token's own decoding (cached per token id), so token character
   offsets are exact. It equals the decoding of the whole response except where one character's bytes are split
@@ -171,7 +171,7 @@ def sentence_spans(token_ids, tokenizer: Any, split_newlines: bool = True) -> li
     Args:
         token_ids: the response's token ids `(L,)` (only the valid ones, in order).
         tokenizer: a Hugging Face tokenizer.
-        split_newlines: also split at newlines (default true, **[inferred]**).
+        split_newlines: also split at newlines (default true, **[our choice]**).
 
     Returns:
         list of ``(start, end)`` with ``spans[0][0] == 0``, ``spans[-1][1] == L`` and each start equal to the

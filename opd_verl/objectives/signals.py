@@ -1,4 +1,4 @@
-"""Per-token learning signals: OPD and G-OPD / ExOPD (ALGORITHMS.md sections 1 and 2).
+"""Per-token learning signals: OPD and G-OPD / ExOPD (docs/objectives.md sections 1 and 2).
 
 All tensors are `(B, T)`; results are float32, detached, and 0 wherever ``response_mask`` is 0 (also zeros
 inside a response). Inputs are masked with ``torch.where`` before any arithmetic, so ``-inf``/NaN at padding

@@ -1,4 +1,4 @@
-"""Per-token weighting of the signal: IW-OPD and position masks (ALGORITHMS.md section 3).
+"""Per-token weighting of the signal: IW-OPD and position masks (docs/objectives.md section 3).
 
 All tensors are `(B, T)`; weights are float32, detached, and 0 wherever ``response_mask`` is 0. Only the mask-1
 tokens, in order, count as the response (zeros inside a response are skipped).
