@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from opd_verl.integration.adapters import STAGE_PARAMS_ENV
 from opd_verl.opsd.inputs import has_value, lookup_field, privileged_prompt_ids
 from opd_verl.opsd.loss import (
     OPSDLossParams,
@@ -36,7 +37,6 @@ from opd_verl.opsd.teacher import TeacherWeights
 
 __all__ = ["OPSDActorLoss", "OPSDSettings", "opsd_settings_from_env", "make_opsd_worker_class"]
 
-STAGE_PARAMS_ENV = "OPD_VERL_STAGE_PARAMS"
 _ROW_FIELDS = ("extra_info", "reward_model", "data_source")
 
 
