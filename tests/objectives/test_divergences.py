@@ -128,11 +128,12 @@ def test_chunked_property(n, v, chunk, beta, seed):
     s2 = student.clone().requires_grad_(True)
     a = generalized_jsd(s1, teacher, beta=beta)
     b = generalized_jsd(s2, teacher, beta=beta, chunk_size=chunk)
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # float32 rounding only: a chunk is reduced in another order than the whole batch
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert torch.isfinite(a).all() and (a >= -1e-5).all()
     a.sum().backward()
     b.sum().backward()
-    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_input_computed_in_float32():
