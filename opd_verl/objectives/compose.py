@@ -3,6 +3,9 @@
 ``A = release(weighting(signal)) + task_coef * task_advantages``. The parameter dataclasses mirror the ``opd:``
 section of ``hydra_configs/opd_trainer.yaml`` field by field (``signal.*``, ``weighting.*``, ``release.*``,
 ``task_coef``), so a config maps onto them 1:1.
+
+:func:`compose_advantages` evaluates all stages block of rows by block of rows (:mod:`opd_verl.objectives.rows`):
+each input is read once, the result written once, and the metrics are accumulated as sums on the way.
 """
 
 from __future__ import annotations
@@ -13,15 +16,26 @@ from typing import Any
 
 import torch
 
-from opd_verl.objectives.release import MARGIN_KINDS, release
-from opd_verl.objectives.signals import check_same_shape, discrepancy, gopd_advantages
-from opd_verl.objectives.weighting import (
-    POSITION_MODES,
-    cosine_fraction,
-    iw_opd_weights,
-    position_decile_means,
-    position_mask_weights,
+from opd_verl.objectives.release import (
+    MARGIN_KINDS,
+    ReleasePlan,
+    apply_plan_rows,
+    margin_dtype,
+    release,
+    release_plan,
+    sorted_ids_width,
+    sorted_sentence_stats,
 )
+from opd_verl.objectives.rows import BlockPrefix, RowBuffers, load_masked, row_blocks
+from opd_verl.objectives.signals import (
+    SIGNAL_BUFFERS,
+    check_lam,
+    check_ref_given,
+    check_same_shape,
+    load_signal_block,
+    signal_rows,
+)
+from opd_verl.objectives.weighting import POSITION_MODES, cosine_fraction, iw_weights_rows, position_mask_weights
 
 __all__ = [
     "SIGNAL_NAMES",
@@ -172,11 +186,37 @@ def _from_mapping(cls, values: dict, prefix: str):
     return cls(**values)
 
 
-def _masked_stats(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
-    if not bool(mask.any()):
-        return 0.0, 0.0, 0.0
-    v = values[mask]
-    return float(v.mean()), float(v.min()), float(v.max())
+_BUFFERS = (*SIGNAL_BUFFERS, "signal", "disc", "abs", "weights", "scratch", "margins", "order", "task")
+_N_DECILES = 10
+
+
+class _Totals:
+    """Sums over the valid tokens of the batch, accumulated block by block (floats and small tensors)."""
+
+    def __init__(self, device: torch.device):
+        self.n_valid = 0.0
+        self.sums = {"disc": 0.0, "abs": 0.0, "signal": 0.0, "weights": 0.0, "advantage": 0.0}
+        self.w_min = math.inf
+        self.w_max = -math.inf
+        self.decile_sums = torch.zeros(_N_DECILES, dtype=torch.float64, device=device)
+        self.decile_counts = torch.zeros(_N_DECILES, dtype=torch.int64, device=device)
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / self.n_valid if self.n_valid else 0.0
+
+
+def _decile_sums(mask_prefix: BlockPrefix, disc_prefix: BlockPrefix) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(10,)` sums of the discrepancy and `(10,)` token counts per position decile of each row's valid tokens,
+    over one row block.
+
+    A valid token of rank r (0-based) of n falls in decile ``floor(10 r / n)``, i.e. ranks
+    ``[ceil(k n / 10), ceil((k + 1) n / 10))`` form decile k (as :func:`position_decile_means`).
+    """
+    n = mask_prefix.before[:, -1:].round().long()
+    k = torch.arange(_N_DECILES + 1, device=n.device)
+    bounds = torch.div(k * n + _N_DECILES - 1, _N_DECILES, rounding_mode="floor")  # (R, 11) rank bounds
+    prefix = disc_prefix.at(mask_prefix.first_reaching(bounds))
+    return prefix.diff(dim=-1).sum(dim=0), bounds.diff(dim=-1).sum(dim=0)
 
 
 def compose_advantages(
@@ -211,9 +251,11 @@ def compose_advantages(
 
     Returns:
         advantages: `(B, T)` float32, detached, 0 where the mask is 0.
-        metrics: floats keyed ``opd/...``: means over valid tokens of the discrepancy, signal, weights and final
-            advantages; release acceptance rate, mean kept fraction and mean BIC gain (over rows where it is
-            defined); ``opd/discrepancy_decile/{k}`` the mean discrepancy per position decile of the valid tokens.
+        metrics: floats keyed ``opd/...``, over the valid tokens: means of the discrepancy ``teacher - student``,
+            its absolute value, the signal, the weights (also their min and max) and the final advantages;
+            ``opd/discrepancy_decile/{k}`` the mean discrepancy per position decile; with release, per row with a
+            valid token: acceptance rate, mean kept fraction, mean sentence count, the share of rows where the BIC
+            gain is defined and its mean over them.
     """
     if not isinstance(params, StageParams):
         raise ValueError(f"params must be a StageParams, got {type(params).__name__}")
@@ -226,70 +268,171 @@ def compose_advantages(
         margins=margins,
         task_advantages=task_advantages,
     )
-    mask = response_mask.bool()
     metrics: dict[str, float] = {}
-
-    # stage 1: signal
-    disc = discrepancy(student_logprobs, teacher_logprobs, response_mask)
-    if params.signal.name == "gopd":
-        use_lam = params.signal.lam if lam is None else lam
-        signal = gopd_advantages(student_logprobs, teacher_logprobs, response_mask, use_lam, ref_logprobs)
+    sp, wp, rp = params.signal, params.weighting, params.release
+    if sp.name == "gopd":
+        use_lam = check_lam(sp.lam if lam is None else lam, response_mask.shape[0])
+        check_ref_given(use_lam, ref_logprobs)
+        if isinstance(use_lam, torch.Tensor):
+            use_lam = use_lam.to(student_logprobs.device)
+    elif lam is not None:
+        raise ValueError(f"lam applies only to signal.name=gopd, got signal.name={sp.name!r}")
     else:
-        if lam is not None:
-            raise ValueError(f"lam applies only to signal.name=gopd, got signal.name={params.signal.name!r}")
-        signal = disc
+        use_lam = 1.0
+    fraction = wp.fraction
+    if wp.anneal:
+        if step is None or total_steps is None:
+            raise ValueError("opd.weighting.anneal=true needs step and total_steps")
+        fraction = cosine_fraction(step, total_steps, wp.fraction, wp.fraction_end)
+        metrics["opd/weighting/fraction"] = fraction
+    if rp.enabled and (sentence_ids is None or margins is None):
+        raise ValueError("opd.release.enabled=true needs sentence_ids and margins")
+    if rp.enabled and (sentence_ids.dtype.is_floating_point or sentence_ids.dtype == torch.bool):
+        raise ValueError(f"sentence_ids must be an integer tensor, got dtype {sentence_ids.dtype}")
+    if params.task_coef != 0.0 and task_advantages is None:
+        raise ValueError(f"opd.task_coef={params.task_coef} != 0 needs task_advantages")
 
-    # stage 2: weighting
-    wp = params.weighting
-    if wp.name == "none":
-        weights = mask.float()
-    elif wp.name == "iw":
-        weights = iw_opd_weights(disc, response_mask, wp.w_max)
-    else:
-        fraction = wp.fraction
-        if wp.anneal:
-            if step is None or total_steps is None:
-                raise ValueError("opd.weighting.anneal=true needs step and total_steps")
-            fraction = cosine_fraction(step, total_steps, wp.fraction, wp.fraction_end)
-            metrics["opd/weighting/fraction"] = fraction
-        weights = position_mask_weights(response_mask, wp.name, fraction, wp.weight)
-    advantages = weights * signal
+    with torch.no_grad():
+        batch, length = response_mask.shape
+        device = student_logprobs.device
+        out = torch.empty(batch, length, dtype=torch.float32, device=device)
+        blocks = list(row_blocks(batch, length, device))
+        totals = _Totals(device)
+        width = sorted_ids_width(sentence_ids) if rp.enabled else 0
+        plans: list[ReleasePlan] = []
+        inputs = {"sentence_ids": sentence_ids, "margins": margins}
+        dtypes = {"margins": margin_dtype(margins)} if rp.enabled else {}
+        bufs = RowBuffers(blocks[0][1] - blocks[0][0] if blocks else 0, length, device, _BUFFERS, dtypes)
+        for start, end in blocks:
+            n = end - start
+            mask = response_mask[start:end]
+            mask_f, student, teacher, row_lam, ref, input_sums = load_signal_block(
+                bufs, start, end, response_mask, student_logprobs, teacher_logprobs, use_lam, ref_logprobs
+            )
+            # stage 1: signal (the discrepancy teacher - student drives the IW weights and the metrics)
+            disc = torch.sub(teacher, student, out=bufs["disc", n])
+            signal = disc if ref is None else signal_rows(bufs["signal", n], student, teacher, row_lam, ref)
+            abs_disc = torch.abs(disc, out=bufs["abs", n])
+            # stage 2: weighting
+            mask_prefix = BlockPrefix(bufs.full("mask", n))
+            n_rows = mask_prefix.before[:, -1]
+            totals.n_valid += float(n_rows.sum())
+            if wp.name == "iw":
+                # h = g - 1 (nonzero at masked positions too); out = signal * (1 + h)
+                h = iw_weights_rows(bufs["weights", n], abs_disc, wp.w_max)
+                torch.addcmul(signal, signal, h, out=out[start:end])
+                totals.sums["weights"] += float(n_rows.sum()) + float(
+                    torch.dot(bufs.full("weights", n).view(-1), bufs.full("mask", n).view(-1))
+                )
+                # g is non-increasing along the valid tokens: w_max at the first, the minimum at the last
+                rows = n_rows > 0
+                if bool(rows.any()):
+                    last = mask_prefix.first_reaching(n_rows[:, None]) - 1
+                    h_last = h.gather(1, last.clamp_min(0))[:, 0]
+                    totals.w_min = min(totals.w_min, 1.0 + float(h_last[rows].min()))
+                    totals.w_max = max(totals.w_max, wp.w_max)
+            else:
+                if wp.name == "none":
+                    weights = mask_f
+                else:
+                    weights = bufs["weights", n].copy_(position_mask_weights(mask, wp.name, fraction, wp.weight))
+                torch.mul(signal, weights, out=out[start:end])
+                totals.sums["weights"] += float(weights.sum())
+                # minimum over valid tokens: masked positions read 1e30
+                lifted = torch.mul(mask_f, -1e30, out=bufs["scratch", n]).add_(1e30).add_(weights)
+                totals.w_min = min(totals.w_min, float(lifted.amin()))
+                totals.w_max = max(totals.w_max, float(weights.amax()))
+            # metric sums from the loaded inputs' sums: disc = teacher - student, signal linear in the inputs
+            totals.sums["disc"] += input_sums["teacher"] - input_sums["student"]
+            if isinstance(row_lam, float):
+                linear = row_lam * input_sums["teacher"] + (1.0 - row_lam) * input_sums["ref"]
+                totals.sums["signal"] += linear - input_sums["student"]
+            else:
+                totals.sums["signal"] += float(signal.sum())
+            totals.sums["abs"] += float(abs_disc.sum())
+            decile_sums, decile_counts = _decile_sums(mask_prefix, BlockPrefix(bufs.full("disc", n)))
+            totals.decile_sums += decile_sums
+            totals.decile_counts += decile_counts
 
-    # stage 3: release
-    rp = params.release
-    if rp.enabled:
-        if sentence_ids is None or margins is None:
-            raise ValueError("opd.release.enabled=true needs sentence_ids and margins")
-        result = release(advantages, response_mask, sentence_ids, margins, rp.min_segment, rp.penalty, rp.min_gain)
-        advantages = result.advantages
-        rows = result.n_valid > 0
-        n_rows = int(rows.sum())
-        metrics["opd/release/accept_rate"] = float(result.accepted[rows].float().mean()) if n_rows else 0.0
-        kept_frac = result.n_kept.double() / result.n_valid.clamp_min(1).double()
-        metrics["opd/release/kept_fraction"] = float(kept_frac[rows].mean()) if n_rows else 1.0
-        defined = torch.isfinite(result.gain) & rows
-        metrics["opd/release/gain_defined_rate"] = float(defined[rows].float().mean()) if n_rows else 0.0
-        if bool(defined.any()):
-            metrics["opd/release/gain"] = float(result.gain[defined].mean())
-        metrics["opd/release/n_sentences"] = float(result.n_sentences[rows].double().mean()) if n_rows else 0.0
+            # stage 3: release, on this block's rows (the rule needs whole rows, which a block holds)
+            adv = out[start:end]
+            if rp.enabled:
+                plans.append(_release_block(adv, mask, mask_f, mask_prefix, bufs, start, end, width, rp, inputs))
+            # task reward last, never released
+            if params.task_coef != 0.0:
+                task = bufs["task", n]
+                load_masked(
+                    task, task_advantages[start:end], mask_f, mask, "task_advantages", start, bufs.full("task", n)
+                )
+                adv.add_(task, alpha=params.task_coef)
+            totals.sums["advantage"] += float(adv.sum())
+        if rp.enabled:
+            metrics.update(_release_metrics(plans))
 
-    # task reward last, never released
-    if params.task_coef != 0.0:
-        if task_advantages is None:
-            raise ValueError(f"opd.task_coef={params.task_coef} != 0 needs task_advantages")
-        zero = torch.zeros((), dtype=torch.float32, device=advantages.device)
-        task = torch.where(mask, task_advantages.detach().float(), zero)
-        if not bool(torch.isfinite(task).all()):
-            raise ValueError("task_advantages has NaN/inf at valid response tokens")
-        advantages = advantages + params.task_coef * task
+    metrics["opd/discrepancy"] = totals.mean("disc")
+    metrics["opd/abs_discrepancy"] = totals.mean("abs")
+    metrics["opd/signal"] = totals.mean("signal")
+    valid = totals.n_valid > 0
+    metrics["opd/weight_mean"] = totals.mean("weights")
+    metrics["opd/weight_min"] = totals.w_min if valid else 0.0
+    metrics["opd/weight_max"] = totals.w_max if valid else 0.0
+    metrics["opd/advantage"] = totals.mean("advantage")
+    for k, (total, count) in enumerate(zip(totals.decile_sums.tolist(), totals.decile_counts.tolist())):
+        metrics[f"opd/discrepancy_decile/{k}"] = total / count if count else 0.0
+    return out, metrics
 
-    metrics["opd/discrepancy"], _, _ = _masked_stats(disc, mask)
-    metrics["opd/abs_discrepancy"], _, _ = _masked_stats(disc.abs(), mask)
-    metrics["opd/signal"], _, _ = _masked_stats(signal, mask)
-    w_mean, w_min, w_max = _masked_stats(weights, mask)
-    metrics.update({"opd/weight_mean": w_mean, "opd/weight_min": w_min, "opd/weight_max": w_max})
-    metrics["opd/advantage"], _, _ = _masked_stats(advantages, mask)
-    deciles, _ = position_decile_means(disc, response_mask, 10)
-    for k, value in enumerate(deciles.tolist()):
-        metrics[f"opd/discrepancy_decile/{k}"] = value
-    return advantages, metrics
+
+def _release_block(
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    mask_f: torch.Tensor,
+    mask_prefix: BlockPrefix,
+    bufs: RowBuffers,
+    start: int,
+    end: int,
+    width: int,
+    rp: ReleaseParams,
+    inputs: dict[str, torch.Tensor],
+) -> ReleasePlan:
+    """Apply the release rule to one row block of advantages in place (from per-sentence statistics when the ids
+    are row-sorted, else the general rule) and return its plan."""
+    n = end - start
+    sentence_ids, margins = inputs["sentence_ids"][start:end], inputs["margins"][start:end]
+    stats = None
+    # loaded here also for the general rule: a NaN/inf margin at a valid token is reported with its batch row
+    load_masked(bufs["margins", n], margins, mask_f, mask, "margins", start, bufs.full("margins", n))
+    if width:
+        margin_prefix = BlockPrefix(bufs.full("margins", n), torch.float64)
+        stats = sorted_sentence_stats(sentence_ids, bufs["order", n], width, mask_prefix, margin_prefix)
+    if stats is not None:
+        plan = release_plan(stats, adv.shape[1], rp.min_segment, rp.penalty, rp.min_gain)
+        apply_plan_rows(adv, plan, bufs["scratch", n])
+        return plan
+    result = release(adv, mask, sentence_ids, margins, rp.min_segment, rp.penalty, rp.min_gain)
+    adv.copy_(result.advantages)
+    return ReleasePlan(*result[1:], result.n_valid.float() / result.n_kept.clamp_min(1).float())
+
+
+def _release_metrics(plans: list[ReleasePlan]) -> dict[str, float]:
+    """Acceptance rate, mean kept fraction, mean BIC gain (where defined) and mean sentence count over the rows
+    with at least one valid token (the plans of all row blocks)."""
+    metrics: dict[str, float] = {}
+    if not plans:
+        return {
+            "opd/release/accept_rate": 0.0,
+            "opd/release/kept_fraction": 1.0,
+            "opd/release/gain_defined_rate": 0.0,
+            "opd/release/n_sentences": 0.0,
+        }
+    plan = ReleasePlan(*(torch.cat(field) for field in zip(*plans)))
+    rows = plan.n_valid > 0
+    n_rows = int(rows.sum())
+    metrics["opd/release/accept_rate"] = float(plan.accepted[rows].float().mean()) if n_rows else 0.0
+    kept_frac = plan.n_kept.double() / plan.n_valid.clamp_min(1).double()
+    metrics["opd/release/kept_fraction"] = float(kept_frac[rows].mean()) if n_rows else 1.0
+    defined = torch.isfinite(plan.gain) & rows
+    metrics["opd/release/gain_defined_rate"] = float(defined[rows].float().mean()) if n_rows else 0.0
+    if bool(defined.any()):
+        metrics["opd/release/gain"] = float(plan.gain[defined].mean())
+    metrics["opd/release/n_sentences"] = float(plan.n_sentences[rows].double().mean()) if n_rows else 0.0
+    return metrics

@@ -1,6 +1,7 @@
 """Prefix-Teach release rule (docs/objectives.md section 4): teacher margins, change point, release.
 
-Every step is vectorised over rows and splits (cumulative sums, no Python loop over tokens or splits).
+Every step is vectorised over rows and splits (cumulative sums, no Python loop over tokens or splits); the
+`(B, T)` work runs over row blocks (:mod:`opd_verl.objectives.rows`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from opd_verl.objectives.signals import check_finite_at_valid, check_same_shape
+from opd_verl.objectives.rows import BlockPrefix, RowBuffers, check_finite_at_valid, load_mask, load_masked, row_blocks
+from opd_verl.objectives.signals import check_same_shape
 
 __all__ = ["MARGIN_KINDS", "ReleaseResult", "topk_margin", "release_change_point", "apply_release", "release"]
 
@@ -208,90 +210,106 @@ def _release_general(
     return ReleaseResult(out, release_index, cp.accepted, cp.gain, n_sent, n_valid, n_kept)
 
 
-_CHUNK_ROWS = 16
+class ReleasePlan(NamedTuple):
+    """Per-row outcome of the release rule, before it is applied to advantages (all `(B,)`)."""
+
+    release_index: torch.Tensor  # int64 first zeroed token position, T when nothing is released
+    accepted: torch.Tensor  # bool
+    gain: torch.Tensor  # float64, -inf where J < 2 * min_segment
+    n_sentences: torch.Tensor  # int64
+    n_valid: torch.Tensor  # int64
+    n_kept: torch.Tensor  # int64
+    scale: torch.Tensor  # float32 n_valid / n_kept
 
 
-def _ids_sorted(ids: torch.Tensor) -> bool:
-    """Whether every row of the `(B, T)` integer ``ids`` is >= 0 and non-decreasing over all positions.
+class SentenceStats(NamedTuple):
+    """Per raw sentence id ``j`` of a row block (all `(R, W)`)."""
 
-    Checked in row chunks through one reused buffer (no `(B, T)` temporary)."""
-    batch, length = ids.shape
-    if bool((ids[:, 0] < 0).any()):
-        return False
-    if length < 2:
-        return True
-    buf = torch.empty(min(batch, _CHUNK_ROWS), length - 1, dtype=torch.bool, device=ids.device)
-    for start in range(0, batch, _CHUNK_ROWS):
-        rows = ids[start : start + _CHUNK_ROWS]
-        out = buf[: rows.shape[0]]
-        torch.ge(rows[:, 1:], rows[:, :-1], out=out)
-        if not bool(out.all()):
-            return False
-    return True
+    counts: torch.Tensor  # float64 valid tokens with id j
+    sums: torch.Tensor  # float64 sum of their margins
+    first_valid: torch.Tensor  # int64 position of the first of them (meaningless where counts == 0)
 
 
-def _release_sorted(
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    sentence_ids: torch.Tensor,
-    margins: torch.Tensor,
-    min_segment: int,
-    penalty: float,
-    min_gain: float,
-) -> ReleaseResult | None:
-    """Release rule when the sentence ids are >= 0 and non-decreasing over *every* position of each row (what
-    :func:`batch_sentence_ids` produces); None otherwise (the caller then uses :func:`_release_general`).
+def margin_dtype(margins: torch.Tensor) -> torch.dtype:
+    """Dtype the margins are read in: float64 inputs keep their precision, others are read as float32 (their
+    sentence sums are always accumulated in float64)."""
+    return torch.float64 if margins.dtype == torch.float64 else torch.float32
 
-    Raw id ``j`` occupies the positions ``[start_j, start_{j+1})`` (``searchsorted``), so the per-sentence token
-    counts and float64 margin sums are differences of row prefix sums taken at those `(B, W)` boundaries: the
-    `(B, T)` work is two prefix sums (computed in row chunks through reused buffers) and the output. Sentences are
-    the raw ids that hold at least one valid token, in order, as in :func:`_release_general`.
+
+def sorted_ids_width(sentence_ids: torch.Tensor) -> int:
+    """Number of raw ids ``W = max(last id) + 1`` when the row-sorted path can apply, else 0.
+
+    The path applies when every row's ids are >= 0 and non-decreasing over *all* positions (what
+    :func:`batch_sentence_ids` produces); this only checks the last ids, :func:`sorted_sentence_stats` checks the
+    order block by block. ``W`` is bounded by ``2 T + 64`` so the per-id tensors stay small.
     """
-    batch, length = mask.shape
+    batch, length = sentence_ids.shape
     if batch == 0 or length == 0:
-        return None
-    device = mask.device
-    ids = sentence_ids if sentence_ids.dtype == torch.int64 else sentence_ids.long()
-    ids = ids.contiguous()
-    width = int(ids[:, -1].max()) + 1 if bool((ids[:, -1] >= 0).all()) else 0
-    if width == 0 or width > 2 * length + 64 or not _ids_sorted(ids):
-        return None
+        return 0
+    last = sentence_ids[:, -1]
+    if not bool((last >= 0).all()):
+        return 0
+    width = int(last.max()) + 1
+    return width if width <= 2 * length + 64 else 0
 
-    # starts[:, j] = first position with id >= j; starts[:, width] = length
-    bounds = torch.arange(width + 1, device=device).expand(batch, width + 1).contiguous()
-    starts = torch.searchsorted(ids, bounds)
-    # prefix value before position p is the inclusive prefix sum at p - 1 (0 at p = 0)
-    before = (starts - 1).clamp_min(0)
-    at_zero = starts == 0
-    count_prefix = torch.empty(batch, width + 1, dtype=torch.int64, device=device)
-    sum_prefix = torch.empty(batch, width + 1, dtype=torch.float64, device=device)
-    rows = min(batch, _CHUNK_ROWS)
-    count_buf = torch.empty(rows, length, dtype=torch.int64, device=device)
-    marg_buf = torch.empty(rows, length, dtype=margins.dtype, device=device)
-    sum_buf = torch.empty(rows, length, dtype=torch.float64, device=device)
-    zero_m = torch.zeros((), dtype=margins.dtype, device=device)
-    for start in range(0, batch, _CHUNK_ROWS):
-        end = min(start + _CHUNK_ROWS, batch)
-        n = end - start
-        torch.cumsum(mask[start:end], dim=-1, out=count_buf[:n])
-        torch.where(mask[start:end], margins[start:end], zero_m, out=marg_buf[:n])
-        torch.cumsum(marg_buf[:n], dim=-1, dtype=torch.float64, out=sum_buf[:n])
-        torch.gather(count_buf[:n], 1, before[start:end], out=count_prefix[start:end])
-        torch.gather(sum_buf[:n], 1, before[start:end], out=sum_prefix[start:end])
-    count_prefix.masked_fill_(at_zero, 0)
-    sum_prefix.masked_fill_(at_zero, 0.0)
-    counts = count_prefix.diff(dim=-1)  # (B, W) valid tokens per raw id
-    sums = sum_prefix.diff(dim=-1)
-    if not bool(torch.isfinite(sums).all()):
-        check_finite_at_valid("margins", margins, mask)
 
-    # compact the raw ids that hold valid tokens into sentences 0..J_b-1
+def sorted_sentence_stats(
+    ids: torch.Tensor, order_buf: torch.Tensor, width: int, mask_prefix: BlockPrefix, margin_prefix: BlockPrefix
+) -> SentenceStats | None:
+    """Sentence counts, margin sums and first valid positions of one row block; None if some row's ids are not
+    >= 0 and non-decreasing over all positions (then the caller uses :func:`_release_general`).
+
+    Raw id ``j`` occupies the positions ``[start_j, start_{j+1})`` (``searchsorted``), so its valid-token count and
+    margin sum are differences of row prefix sums read at those `(R, W + 1)` boundaries.
+
+    Args:
+        ids: `(R, T)` integer sentence ids.
+        order_buf: `(R, T)` float32 scratch buffer.
+        width: ``W`` from :func:`sorted_ids_width`.
+        mask_prefix: :class:`BlockPrefix` of the float 0/1 mask.
+        margin_prefix: :class:`BlockPrefix` of the masked margins.
+    """
+    rows, length = ids.shape
+    # order check in float32: rounding is monotone and exact below 2^24, and W <= 2 T + 64 bounds each row's last id
+    as_float = order_buf.copy_(ids)
+    if (
+        length > 1
+        and float(torch.sub(as_float[:, 1:], as_float[:, :-1]).amin()) < 0
+        or float(as_float[:, 0].amin()) < 0
+    ):
+        return None
+    ids = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.long().contiguous()
+    bounds = torch.arange(width + 1, device=ids.device).expand(rows, width + 1).contiguous()
+    starts = torch.searchsorted(ids, bounds)  # first position with id >= j; starts[:, W] = T
+    count_before = mask_prefix.at(starts)
+    counts = count_before.diff(dim=-1)
+    sums = margin_prefix.at(starts).diff(dim=-1)
+    # a sentence's first valid token is usually its first token; search only when some is masked
+    first_valid = starts[:, :-1]
+    first_masked = (mask_prefix.values.gather(1, first_valid) == 0) & (counts > 0)
+    if bool(first_masked.any()):
+        first_valid = mask_prefix.first_reaching(count_before[:, :-1] + 1) - 1
+    return SentenceStats(counts, sums, first_valid)
+
+
+def release_plan(stats: SentenceStats, length: int, min_segment: int, penalty: float, min_gain: float) -> ReleasePlan:
+    """Change point and release position of every row from its per-id statistics (section 4 steps 2-5).
+
+    Sentences are the raw ids that hold at least one valid token, in order, as in :func:`_release_general`.
+
+    Args:
+        stats: :class:`SentenceStats` of the whole batch (`(B, W)` fields).
+        length: T.
+    """
+    counts, sums = stats.counts, stats.sums
+    batch, width = counts.shape
+    device = counts.device
     nonempty = counts > 0
     through = nonempty.long().cumsum(dim=-1)  # sentences up to and including raw id j
     n_sent = through[:, -1].clone()
     n_width = max(int(n_sent.max()), 1)
     slot = torch.where(nonempty, through - 1, torch.full((), n_width, dtype=torch.int64, device=device))
-    raw_x = sums / counts.clamp_min(1).double()
+    raw_x = sums / counts.clamp_min(1.0)
     x = torch.zeros(batch, n_width + 1, dtype=torch.float64, device=device).scatter_(1, slot, raw_x)[:, :n_width]
 
     cp = _change_points(x, n_sent, min_segment, penalty, min_gain)
@@ -299,29 +317,73 @@ def _release_sorted(
     # first token of sentence tau*: the first valid position of raw id r* (the (tau* + 1)-th non-empty id)
     before_tau = through <= cp.tau[:, None]
     r_star = before_tau.sum(dim=-1).clamp_max(width - 1)
-    first_tok = starts.gather(1, r_star[:, None])[:, 0]
-    accepted = cp.accepted
-    first_valid = mask.gather(1, first_tok.clamp_max(length - 1)[:, None])[:, 0]
-    for b in torch.nonzero(accepted & ~first_valid).flatten().tolist():
-        p = int(first_tok[b])
-        first_tok[b] = p + int(torch.nonzero(mask[b, p:])[0, 0])
-    release_index = torch.where(accepted, first_tok, torch.full_like(first_tok, length))
-
-    n_valid = counts.sum(dim=-1)
-    n_kept = torch.where(accepted, (counts * before_tau).sum(dim=-1), n_valid)
+    first_tok = stats.first_valid.gather(1, r_star[:, None])[:, 0]
+    release_index = torch.where(cp.accepted, first_tok, torch.full_like(first_tok, length))
+    n_valid = counts.sum(dim=-1).round().long()
+    n_kept = torch.where(cp.accepted, (counts * before_tau).sum(dim=-1).round().long(), n_valid)
     scale = n_valid.float() / n_kept.clamp_min(1).float()
-    if advantages.dtype == torch.float32:
-        out = advantages * scale[:, None]
-    else:
-        out = advantages.float().mul_(scale[:, None])
-    out.masked_fill_(~mask, 0.0)
-    for b, index in enumerate(release_index.tolist()):
-        if index < length:
-            out[b, index:].zero_()
-    if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
-        zero32 = torch.zeros((), dtype=torch.float32, device=device)
-        check_finite_at_valid("advantages", torch.where(mask, advantages.float(), zero32), mask)
-    return ReleaseResult(out, release_index, accepted, cp.gain, n_sent, n_valid, n_kept)
+    return ReleasePlan(release_index, cp.accepted, cp.gain, n_sent, n_valid, n_kept, scale)
+
+
+def apply_plan_rows(out: torch.Tensor, plan: ReleasePlan, scratch: torch.Tensor) -> None:
+    """Scale masked advantages by ``n_valid / n_kept`` and zero them from the release index on, in place.
+
+    One multiplication by ``scale * clamp(release_index - t, 0, 1)`` (exactly ``scale`` before the release index
+    and 0 from it on: both are integers below 2^24 in float32).
+
+    Args:
+        out: `(R, T)` float32 advantages, 0 at masked positions; ``plan`` of the same R rows.
+        scratch: `(R, T)` float32 buffer.
+    """
+    positions = torch.arange(out.shape[1], dtype=torch.float32, device=out.device)
+    index = plan.release_index[:, None].float()
+    torch.sub(index, positions, out=scratch).clamp_(0.0, 1.0).mul_(plan.scale[:, None])
+    out.mul_(scratch)
+
+
+def _release_sorted(
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    sentence_ids: torch.Tensor,
+    margins: torch.Tensor,
+    min_segment: int,
+    penalty: float,
+    min_gain: float,
+) -> ReleaseResult | None:
+    """Release rule over row blocks when the ids are row-sorted (see :func:`sorted_sentence_stats`); None
+    otherwise."""
+    batch, length = response_mask.shape
+    width = sorted_ids_width(sentence_ids)
+    if width == 0:
+        return None
+    device = advantages.device
+    blocks = list(row_blocks(batch, length, device))
+    rows = blocks[0][1] - blocks[0][0]
+    bufs = RowBuffers(rows, length, device, ("mask", "margins", "order", "scratch"), {"margins": margin_dtype(margins)})
+    out = torch.empty(batch, length, dtype=torch.float32, device=device)
+    plans = []
+    for start, end in blocks:
+        n = end - start
+        mask = response_mask[start:end]
+        mask_f = bufs["mask", n]
+        load_mask(mask_f, mask, bufs.full("mask", n))
+        load_masked(bufs["margins", n], margins[start:end], mask_f, mask, "margins", start, bufs.full("margins", n))
+        stats = sorted_sentence_stats(
+            sentence_ids[start:end],
+            bufs["order", n],
+            width,
+            BlockPrefix(bufs.full("mask", n)),
+            BlockPrefix(bufs.full("margins", n), torch.float64),
+        )
+        if stats is None:
+            return None
+        plan = release_plan(stats, length, min_segment, penalty, min_gain)
+        adv = out[start:end]
+        load_masked(adv, advantages[start:end], mask_f, mask, "advantages", start, adv)
+        apply_plan_rows(adv, plan, bufs["scratch", n])
+        plans.append(plan)
+    plan = ReleasePlan(*(torch.cat(f) for f in zip(*plans)))
+    return ReleaseResult(out, plan.release_index, plan.accepted, plan.gain, plan.n_sentences, plan.n_valid, plan.n_kept)
 
 
 def release(
@@ -338,12 +400,12 @@ def release(
     check_same_shape(response_mask, advantages=advantages, sentence_ids=sentence_ids, margins=margins)
     if sentence_ids.dtype.is_floating_point or sentence_ids.dtype == torch.bool:
         raise ValueError(f"sentence_ids must be an integer tensor, got dtype {sentence_ids.dtype}")
-    mask = response_mask.bool()
     with torch.no_grad():
-        fast = _release_sorted(advantages, mask, sentence_ids, margins, min_segment, float(penalty), float(min_gain))
+        args = (advantages, response_mask, sentence_ids, margins, min_segment, float(penalty), float(min_gain))
+        fast = _release_sorted(*args)
         if fast is not None:
             return fast
-        return _release_general(advantages, mask, sentence_ids, margins, min_segment, float(penalty), float(min_gain))
+        return _release_general(advantages, response_mask.bool(), *args[2:])
 
 
 def apply_release(

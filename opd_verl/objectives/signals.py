@@ -1,8 +1,9 @@
 """Per-token learning signals: OPD and G-OPD / ExOPD (docs/objectives.md sections 1 and 2).
 
 All tensors are `(B, T)`; results are float32, detached, and 0 wherever ``response_mask`` is 0 (also zeros
-inside a response). Inputs are masked with ``torch.where`` before any arithmetic, so ``-inf``/NaN at padding
-never reach the result; a non-finite value at a valid token raises ``ValueError`` instead of leaking.
+inside a response). Inputs are masked before any arithmetic (:func:`~opd_verl.objectives.rows.load_masked`), so
+``-inf``/NaN at padding never reach the result; a non-finite value at a valid token raises ``ValueError`` naming
+the input instead of leaking. The work runs over row blocks (:mod:`opd_verl.objectives.rows`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,19 @@ import math
 
 import torch
 
-__all__ = ["discrepancy", "opd_advantages", "gopd_advantages", "check_same_shape", "check_finite_at_valid"]
+from opd_verl.objectives.rows import RowBuffers, load_mask, load_masked, row_blocks
+
+__all__ = [
+    "SIGNAL_BUFFERS",
+    "discrepancy",
+    "opd_advantages",
+    "gopd_advantages",
+    "check_same_shape",
+    "check_lam",
+    "check_ref_given",
+    "load_signal_block",
+    "signal_rows",
+]
 
 
 def check_same_shape(response_mask: torch.Tensor, **tensors: torch.Tensor | None) -> None:
@@ -25,26 +38,105 @@ def check_same_shape(response_mask: torch.Tensor, **tensors: torch.Tensor | None
             )
 
 
-def check_finite_at_valid(name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
-    """Raise ``ValueError`` when ``values`` is NaN/inf at a position where ``mask`` is true.
+def signal_rows(
+    out: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    lam: float | torch.Tensor,
+    ref: torch.Tensor | None,
+) -> torch.Tensor:
+    """``out <- lam * (teacher - ref) - (student - ref)`` for one row block of loaded log-probs.
+
+    The inputs are float32, finite, and 0 at masked positions (:func:`~opd_verl.objectives.rows.load_masked`),
+    so the result is 0 there too. ``lam == 1`` computes ``teacher - student`` without touching ``ref``; with a
+    `(R,)` ``lam``, ``ref`` must be 0 in the rows where ``lam == 1`` (then ``1 * teacher + 0 - student`` is exactly
+    ``teacher - student``).
 
     Args:
-        values: `(B, T)` tensor.
-        mask: `(B, T)` bool tensor.
+        out: `(R, T)` float32 result.
+        student, teacher: `(R, T)` float32.
+        lam: a float, or `(R,)` float32 per-row values.
+        ref: `(R, T)` float32, or None when every ``lam`` is 1.
+
+    Returns:
+        ``out``.
     """
-    bad = mask & ~torch.isfinite(values)
-    if bool(bad.any()):
-        rows = torch.nonzero(bad.any(dim=-1)).flatten().tolist()[:8]
-        raise ValueError(f"{name} has NaN/inf at {int(bad.sum())} valid response tokens (rows {rows})")
+    if isinstance(lam, float):
+        if lam == 1.0:
+            return torch.sub(teacher, student, out=out)
+        return torch.mul(teacher, lam, out=out).add_(ref, alpha=1.0 - lam).sub_(student)
+    torch.mul(teacher, lam[:, None], out=out)
+    return out.add_(ref * (1.0 - lam)[:, None]).sub_(student)
 
 
-def _finalize(raw: torch.Tensor, mask: torch.Tensor, what: str) -> torch.Tensor:
-    """0 where ``mask`` is false (whatever ``raw`` holds there: -inf/NaN at padding are fine); raise on NaN/inf
-    at a valid position. ``raw`` is a fresh tensor and is overwritten in place (no `(B, T)` temporary); one sum
-    stands for the finiteness check (a non-finite sum is then checked entry by entry)."""
-    out = torch.where(mask, raw, torch.zeros((), dtype=raw.dtype, device=raw.device), out=raw)
-    if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
-        check_finite_at_valid(what, out, mask)
+SIGNAL_BUFFERS = ("mask", "ref_mask", "student", "teacher", "ref")
+
+
+def load_signal_block(
+    bufs: RowBuffers,
+    start: int,
+    end: int,
+    response_mask: torch.Tensor,
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    lam: float | torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | torch.Tensor, torch.Tensor | None]:
+    """Load rows ``start:end`` of the mask and log-probs into ``bufs`` (names :data:`SIGNAL_BUFFERS`).
+
+    The reference is read only where some ``lam != 1`` (per row with a tensor ``lam``).
+
+    Returns:
+        ``(mask_f, student, teacher, row_lam, ref)``: `(R, T)` float32 views (``ref`` None when not needed), and
+        ``lam`` for these rows; arguments for :func:`signal_rows`. Also ``sums``: the sums of the loaded
+        ``student``, ``teacher`` and ``ref`` (0 when not read).
+    """
+    n = end - start
+    mask = response_mask[start:end]
+    mask_f = bufs["mask", n]
+    load_mask(mask_f, mask, bufs.full("mask", n))
+    sums = {"ref": 0.0}
+    for key, src in (("student", student_logprobs), ("teacher", teacher_logprobs)):
+        sums[key] = load_masked(bufs[key, n], src[start:end], mask_f, mask, f"{key}_logprobs", start, bufs.full(key, n))
+    row_lam = lam if isinstance(lam, float) else lam[start:end]
+    ref = None
+    if isinstance(row_lam, torch.Tensor):
+        ref = bufs["ref", n].zero_()
+        extended = (row_lam != 1.0).float()[:, None]
+        if ref_logprobs is not None and bool(extended.any()):
+            ref_mask = torch.mul(mask_f, extended, out=bufs["ref_mask", n])
+            valid = mask.bool() & (extended > 0)
+            sums["ref"] = load_masked(
+                ref, ref_logprobs[start:end], ref_mask, valid, "ref_logprobs", start, bufs.full("ref", n)
+            )
+    elif row_lam != 1.0:
+        ref = bufs["ref", n]
+        sums["ref"] = load_masked(
+            ref, ref_logprobs[start:end], mask_f, mask, "ref_logprobs", start, bufs.full("ref", n)
+        )
+    return mask_f, bufs["student", n], bufs["teacher", n], row_lam, ref, sums
+
+
+def _signal(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    lam: float | torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+) -> torch.Tensor:
+    """G-OPD signal over row blocks (see :func:`gopd_advantages`); arguments already validated."""
+    batch, length = response_mask.shape
+    device = student_logprobs.device
+    out = torch.empty(batch, length, dtype=torch.float32, device=device)
+    blocks = list(row_blocks(batch, length, device))
+    if not blocks:
+        return out
+    bufs = RowBuffers(blocks[0][1] - blocks[0][0], length, device, SIGNAL_BUFFERS)
+    for start, end in blocks:
+        loaded = load_signal_block(
+            bufs, start, end, response_mask, student_logprobs, teacher_logprobs, lam, ref_logprobs
+        )
+        signal_rows(out[start:end], *loaded[1:5])
     return out
 
 
@@ -63,8 +155,7 @@ def discrepancy(
     """
     check_same_shape(response_mask, student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs)
     with torch.no_grad():
-        raw = teacher_logprobs.float() - student_logprobs.float()
-        return _finalize(raw, response_mask.bool(), "teacher_logprobs - student_logprobs")
+        return _signal(student_logprobs, teacher_logprobs, response_mask, 1.0, None)
 
 
 def opd_advantages(
@@ -78,10 +169,10 @@ def opd_advantages(
     return discrepancy(student_logprobs, teacher_logprobs, response_mask)
 
 
-def _check_lam(lam: float | torch.Tensor, batch: int) -> float | torch.Tensor:
+def check_lam(lam: float | torch.Tensor, batch: int) -> float | torch.Tensor:
     if isinstance(lam, torch.Tensor):
         if lam.dim() == 0:
-            return _check_lam(float(lam), batch)
+            return check_lam(float(lam), batch)
         if lam.shape != (batch,):
             raise ValueError(f"lam as a tensor must have shape (batch,) = ({batch},), got {tuple(lam.shape)}")
         lam_f = lam.detach().float()
@@ -91,6 +182,13 @@ def _check_lam(lam: float | torch.Tensor, batch: int) -> float | torch.Tensor:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
         raise ValueError(f"lam must be a finite number > 0 (1 = OPD, > 1 = ExOPD), got {lam!r}")
     return float(lam)
+
+
+def check_ref_given(lam: float | torch.Tensor, ref_logprobs: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` when some ``lam != 1`` (checked by :func:`check_lam`) and ``ref_logprobs`` is None."""
+    if ref_logprobs is None and (bool((lam != 1.0).any()) if isinstance(lam, torch.Tensor) else lam != 1.0):
+        shown = lam.tolist() if isinstance(lam, torch.Tensor) else lam
+        raise ValueError(f"lam={shown} != 1 needs ref_logprobs (a reference model's log-probs); got None")
 
 
 def gopd_advantages(
@@ -122,28 +220,9 @@ def gopd_advantages(
         teacher_logprobs=teacher_logprobs,
         ref_logprobs=ref_logprobs,
     )
-    lam = _check_lam(lam, response_mask.shape[0])
-    mask = response_mask.bool()
-    what = "G-OPD advantage (teacher/ref/student log-probs)"
+    lam = check_lam(lam, response_mask.shape[0])
+    check_ref_given(lam, ref_logprobs)
     with torch.no_grad():
-        student = student_logprobs.float()
-        teacher = teacher_logprobs.float()
-        if isinstance(lam, float):
-            if lam == 1.0:
-                return _finalize(teacher - student, mask, "teacher_logprobs - student_logprobs")
-            if ref_logprobs is None:
-                raise ValueError(f"lam={lam} != 1 needs ref_logprobs (a reference model's log-probs); got None")
-            raw = (teacher * lam).add_(ref_logprobs.float(), alpha=1.0 - lam).sub_(student)
-            return _finalize(raw, mask, what)
-        lam = lam.to(student.device)
-        ext = lam[:, None] != 1.0
-        if ref_logprobs is None:
-            if bool(ext.any()):
-                raise ValueError(f"lam != 1 in some rows ({lam.tolist()}) needs ref_logprobs; got None")
-            ref = torch.zeros_like(student)
-        else:
-            ref = torch.where(mask & ext, ref_logprobs.float(), torch.zeros((), device=student.device))
-        raw = lam[:, None] * teacher + (1.0 - lam[:, None]) * ref - student
-        # rows with lam == 1 are OPD exactly (no rounding through lam * teacher + 0 * ref)
-        raw = torch.where(ext, raw, teacher - student)
-        return _finalize(raw, mask, what)
+        if isinstance(lam, torch.Tensor):
+            lam = lam.to(student_logprobs.device)
+        return _signal(student_logprobs, teacher_logprobs, response_mask, lam, ref_logprobs)

@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from opd_verl.objectives.signals import check_finite_at_valid, check_same_shape
+from opd_verl.objectives.rows import RowBuffers, load_mask, load_masked, row_blocks
+from opd_verl.objectives.signals import check_same_shape
 
 __all__ = [
     "POSITION_MODES",
@@ -23,7 +24,6 @@ __all__ = [
 
 POSITION_MODES = ("prefix_mask", "suffix_mask", "prefix_weight")
 _IW_EPS = 1e-8
-_CHUNK_ROWS = 16
 
 
 def _check_number(name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> float:
@@ -55,51 +55,62 @@ def iw_opd_weights(discrepancy: torch.Tensor, response_mask: torch.Tensor, w_max
     check_same_shape(response_mask, discrepancy=discrepancy)
     w_max = _check_number("w_max", w_max, 1.0)
     with torch.no_grad():
-        return _iw_weighted(discrepancy, response_mask.bool(), w_max, None)
+        return _iw_weighted(discrepancy, response_mask, w_max, None)
+
+
+def iw_weights_rows(weights: torch.Tensor, abs_discrepancy: torch.Tensor, w_max: float) -> torch.Tensor:
+    """``weights <- (w_max - 1) * clamp(1 - F_{t-1}, 0, 1)``, the IW-OPD weights minus 1, for one row block.
+
+    ``F_{t-1} = (cumsum(d)_t - d_t) / (sum(d) + 1e-8)`` (section 3), computed as
+    ``clamp((w_max - 1) - k * (cumsum(d)_t - d_t), 0, w_max - 1)`` with ``k = (w_max - 1) / (sum(d) + 1e-8)`` per row.
+    The caller adds 1 (``g = 1 + weights``), usually fused with the product by the signal
+    (``torch.addcmul(signal, signal, weights)``).
+
+    Args:
+        weights: `(R, T)` float32 result; nonzero also at masked positions.
+        abs_discrepancy: `(R, T)` float32 ``|D_t|``, finite, 0 at masked positions.
+
+    Returns:
+        ``weights``.
+    """
+    gamma = w_max - 1.0
+    csum = torch.cumsum(abs_discrepancy, dim=-1, out=weights)
+    total = csum[:, -1:].clone() if csum.shape[-1] else csum.sum(dim=-1, keepdim=True)
+    slope = total.add_(_IW_EPS).reciprocal_().mul_(-gamma)
+    return csum.sub_(abs_discrepancy).mul_(slope).add_(gamma).clamp_(0.0, gamma)
 
 
 def _iw_weighted(
-    discrepancy: torch.Tensor, mask: torch.Tensor, w_max: float, advantages: torch.Tensor | None
+    discrepancy: torch.Tensor, response_mask: torch.Tensor, w_max: float, advantages: torch.Tensor | None
 ) -> torch.Tensor:
-    """IW-OPD weights, times ``advantages`` where given, computed in row chunks.
-
-    Each chunk of rows goes through the whole chain of in-place operations while it is in cache, with ``d`` in
-    one reused buffer, so the only `(B, T)` allocation is the result.
+    """IW-OPD weights, times ``advantages`` where given, over row blocks; 0 where the mask is 0.
 
     Args:
         discrepancy: `(B, T)` signed discrepancy.
-        mask: `(B, T)` bool.
+        response_mask: `(B, T)`.
         advantages: `(B, T)` or None.
-
-    Returns:
-        `(B, T)` float32: ``g`` (or ``g * A``), 0 where the mask is false.
     """
-    batch, length = mask.shape
+    batch, length = response_mask.shape
     device = discrepancy.device
     out = torch.empty(batch, length, dtype=torch.float32, device=device)
-    if batch == 0 or length == 0:
+    blocks = list(row_blocks(batch, length, device))
+    if not blocks:
         return out
-    zero = torch.zeros((), dtype=torch.float32, device=device)
-    disc = discrepancy if discrepancy.dtype == torch.float32 else discrepancy.float()
-    adv = None
-    if advantages is not None:
-        adv = advantages if advantages.dtype == torch.float32 else advantages.float()
-    rows = min(batch, _CHUNK_ROWS)
-    d_buf = torch.empty(rows, length, dtype=torch.float32, device=device)
-    for start in range(0, batch, _CHUNK_ROWS):
-        end = min(start + _CHUNK_ROWS, batch)
-        m = mask[start:end]
-        d = torch.where(m, disc[start:end], zero, out=d_buf[: end - start]).abs_()
-        csum = torch.cumsum(d, dim=-1, out=out[start:end])
-        total = csum[:, -1:].clone()
-        if not bool(torch.isfinite(total).all()):
-            check_finite_at_valid("discrepancy", disc, mask)
-        # exclusive prefix fraction F_{t-1} = (cumsum(d)_t - d_t) / (sum(d) + eps)
-        frac = csum.sub_(d).div_(total + _IW_EPS)
-        weights = frac.neg_().add_(1.0).clamp_(0.0, 1.0).mul_(w_max - 1.0).add_(1.0)
-        if adv is not None:
-            weights.mul_(adv[start:end])
-        torch.where(m, weights, zero, out=weights)
+    bufs = RowBuffers(blocks[0][1] - blocks[0][0], length, device, ("mask", "disc", "adv"))
+    for start, end in blocks:
+        n = end - start
+        mask = response_mask[start:end]
+        mask_f = bufs["mask", n]
+        load_mask(mask_f, mask, bufs.full("mask", n))
+        disc = bufs["disc", n]
+        load_masked(disc, discrepancy[start:end], mask_f, mask, "discrepancy", start, bufs.full("disc", n))
+        weights = iw_weights_rows(out[start:end], disc.abs_(), w_max)
+        if advantages is None:
+            weights.add_(1.0).mul_(mask_f)
+        else:
+            adv = bufs["adv", n]
+            load_masked(adv, advantages[start:end], mask_f, mask, "advantages", start, bufs.full("adv", n))
+            torch.addcmul(adv, adv, weights, out=weights)
     return out
 
 
@@ -125,7 +136,7 @@ def iw_opd_advantages(
     w_max = _check_number("w_max", w_max, 1.0)
     with torch.no_grad():
         disc = advantages if discrepancy is None else discrepancy
-        return _iw_weighted(disc, response_mask.bool(), w_max, advantages)
+        return _iw_weighted(disc, response_mask, w_max, advantages)
 
 
 def _valid_rank_and_count(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
