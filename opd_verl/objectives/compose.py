@@ -26,7 +26,7 @@ from opd_verl.objectives.release import (
     sorted_ids_width,
     sorted_sentence_stats,
 )
-from opd_verl.objectives.rows import BlockPrefix, RowBuffers, load_masked, row_blocks
+from opd_verl.objectives.rows import BlockPrefix, RowBuffers, blocked_output, load_masked
 from opd_verl.objectives.signals import (
     SIGNAL_BUFFERS,
     check_lam,
@@ -293,16 +293,13 @@ def compose_advantages(
         raise ValueError(f"opd.task_coef={params.task_coef} != 0 needs task_advantages")
 
     with torch.no_grad():
-        batch, length = response_mask.shape
         device = student_logprobs.device
-        out = torch.empty(batch, length, dtype=torch.float32, device=device)
-        blocks = list(row_blocks(batch, length, device))
+        dtypes = {"margins": margin_dtype(margins)} if rp.enabled else {}
+        out, blocks, bufs = blocked_output(response_mask.shape, device, _BUFFERS, dtypes)
         totals = _Totals(device)
         width = sorted_ids_width(sentence_ids) if rp.enabled else 0
         plans: list[ReleasePlan] = []
         inputs = {"sentence_ids": sentence_ids, "margins": margins}
-        dtypes = {"margins": margin_dtype(margins)} if rp.enabled else {}
-        bufs = RowBuffers(blocks[0][1] - blocks[0][0] if blocks else 0, length, device, _BUFFERS, dtypes)
         for start, end in blocks:
             n = end - start
             mask = response_mask[start:end]

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from opd_verl.objectives.rows import BlockPrefix, RowBuffers, check_finite_at_valid, load_mask, load_masked, row_blocks
+from opd_verl.objectives.rows import BlockPrefix, blocked_output, check_finite_at_valid, load_mask, load_masked
 from opd_verl.objectives.signals import check_same_shape
 
 __all__ = ["MARGIN_KINDS", "ReleaseResult", "topk_margin", "release_change_point", "apply_release", "release"]
@@ -352,15 +352,12 @@ def _release_sorted(
 ) -> ReleaseResult | None:
     """Release rule over row blocks when the ids are row-sorted (see :func:`sorted_sentence_stats`); None
     otherwise."""
-    batch, length = response_mask.shape
+    length = response_mask.shape[1]
     width = sorted_ids_width(sentence_ids)
     if width == 0:
         return None
-    device = advantages.device
-    blocks = list(row_blocks(batch, length, device))
-    rows = blocks[0][1] - blocks[0][0]
-    bufs = RowBuffers(rows, length, device, ("mask", "margins", "order", "scratch"), {"margins": margin_dtype(margins)})
-    out = torch.empty(batch, length, dtype=torch.float32, device=device)
+    names, dtypes = ("mask", "margins", "order", "scratch"), {"margins": margin_dtype(margins)}
+    out, blocks, bufs = blocked_output(response_mask.shape, advantages.device, names, dtypes)
     plans = []
     for start, end in blocks:
         n = end - start

@@ -12,7 +12,16 @@ import math
 
 import torch
 
-__all__ = ["BLOCK", "RowBuffers", "row_blocks", "load_mask", "load_masked", "check_finite_at_valid", "BlockPrefix"]
+__all__ = [
+    "blocked_output",
+    "BLOCK",
+    "RowBuffers",
+    "row_blocks",
+    "load_mask",
+    "load_masked",
+    "check_finite_at_valid",
+    "BlockPrefix",
+]
 
 BLOCK = 64  # columns per block of :class:`BlockPrefix`
 _CHUNK_ELEMENTS = 1 << 19  # elements per row block on CPU (2 MiB of float32: fast, and overhead stays small)
@@ -26,6 +35,17 @@ def row_blocks(batch: int, length: int, device: torch.device):
     rows = max(1, min(batch, elements // max(length, 1)))
     for start in range(0, batch, max(rows, 1)):
         yield start, min(start + rows, batch)
+
+
+def blocked_output(
+    shape: tuple[int, int], device: torch.device, names: tuple[str, ...], dtypes: dict[str, torch.dtype] | None = None
+) -> tuple[torch.Tensor, list[tuple[int, int]], RowBuffers]:
+    """The `(B, T)` float32 result (uninitialised), its row blocks, and the buffers ``names`` of one block."""
+    batch, length = shape
+    blocks = list(row_blocks(batch, length, device))
+    rows = blocks[0][1] - blocks[0][0] if blocks else 0
+    out = torch.empty(batch, length, dtype=torch.float32, device=device)
+    return out, blocks, RowBuffers(rows, length, device, names, dtypes)
 
 
 class RowBuffers:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from opd_verl.objectives.rows import RowBuffers, load_mask, load_masked, row_blocks
+from opd_verl.objectives.rows import RowBuffers, blocked_output, load_mask, load_masked
 
 __all__ = [
     "SIGNAL_BUFFERS",
@@ -125,13 +125,7 @@ def _signal(
     ref_logprobs: torch.Tensor | None,
 ) -> torch.Tensor:
     """G-OPD signal over row blocks (see :func:`gopd_advantages`); arguments already validated."""
-    batch, length = response_mask.shape
-    device = student_logprobs.device
-    out = torch.empty(batch, length, dtype=torch.float32, device=device)
-    blocks = list(row_blocks(batch, length, device))
-    if not blocks:
-        return out
-    bufs = RowBuffers(blocks[0][1] - blocks[0][0], length, device, SIGNAL_BUFFERS)
+    out, blocks, bufs = blocked_output(response_mask.shape, student_logprobs.device, SIGNAL_BUFFERS)
     for start, end in blocks:
         loaded = load_signal_block(
             bufs, start, end, response_mask, student_logprobs, teacher_logprobs, lam, ref_logprobs

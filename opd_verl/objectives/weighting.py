@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from opd_verl.objectives.rows import RowBuffers, load_mask, load_masked, row_blocks
+from opd_verl.objectives.rows import blocked_output, load_mask, load_masked
 from opd_verl.objectives.signals import check_same_shape
 
 __all__ = [
@@ -90,13 +90,7 @@ def _iw_weighted(
         response_mask: `(B, T)`.
         advantages: `(B, T)` or None.
     """
-    batch, length = response_mask.shape
-    device = discrepancy.device
-    out = torch.empty(batch, length, dtype=torch.float32, device=device)
-    blocks = list(row_blocks(batch, length, device))
-    if not blocks:
-        return out
-    bufs = RowBuffers(blocks[0][1] - blocks[0][0], length, device, ("mask", "disc", "adv"))
+    out, blocks, bufs = blocked_output(response_mask.shape, discrepancy.device, ("mask", "disc", "adv"))
     for start, end in blocks:
         n = end - start
         mask = response_mask[start:end]
