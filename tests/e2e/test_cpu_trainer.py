@@ -5,51 +5,14 @@ hold /tmp/opd_heavy.lock so only one Ray job runs on the machine at a time, and 
 run that would wait for Ray resources fails instead of hanging.
 """
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
-LOCK = "/tmp/opd_heavy.lock"
 RUN_TIMEOUT_S = 900
 LOCK_WAIT_S = 1500
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(LOCK_WAIT_S + 2 * RUN_TIMEOUT_S + 300)]
-
-
-def _run_main(tmp_path, name: str, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [
-        "flock",
-        "-w",
-        str(LOCK_WAIT_S),
-        LOCK,
-        "timeout",
-        str(RUN_TIMEOUT_S),
-        sys.executable,
-        "-m",
-        "opd_verl.main",
-        "+recipe=exopd",
-        "opd.cpu_demo=true",
-        f"trainer.default_local_dir={tmp_path / 'run'}",
-        f"hydra.run.dir={tmp_path / ('hydra_' + name)}",
-        *overrides,
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=dict(os.environ))
-    (tmp_path / f"{name}.log").write_text(out.stdout + out.stderr)
-    assert out.returncode == 0, f"{name} failed (rc {out.returncode}); log tail:\n{(out.stdout + out.stderr)[-4000:]}"
-    return out
-
-
-def _metrics(tmp_path) -> dict[int, dict]:
-    by_step: dict[int, dict] = {}
-    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            by_step.setdefault(row["step"], {}).update(row["data"])
-    return by_step
 
 
 REQUIRED = (
@@ -64,9 +27,13 @@ REQUIRED = (
 )
 
 
-def test_two_steps_then_resume(tmp_path):
-    first = _run_main(tmp_path, "first", "trainer.total_training_steps=2", "trainer.save_freq=2")
-    metrics = _metrics(tmp_path)
+def _run(demo_run, name, *overrides):
+    return demo_run.run("exopd", name, *overrides, run_timeout_s=RUN_TIMEOUT_S, lock_wait_s=LOCK_WAIT_S)
+
+
+def test_two_steps_then_resume(demo_run, tmp_path):
+    first = _run(demo_run, "first", "trainer.total_training_steps=2", "trainer.save_freq=2")
+    metrics = demo_run.metrics()
     assert sorted(metrics) == [1, 2]
     for step, data in metrics.items():
         for key in REQUIRED:
@@ -79,8 +46,8 @@ def test_two_steps_then_resume(tmp_path):
     assert "teacher-student reverse KL" in first.stdout
     assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "summary.json").exists()
 
-    _run_main(tmp_path, "resume", "trainer.total_training_steps=3", "trainer.save_freq=-1", "trainer.resume_mode=auto")
-    resumed = _metrics(tmp_path)  # the file logger starts a new file per run
+    _run(demo_run, "resume", "trainer.total_training_steps=3", "trainer.save_freq=-1", "trainer.resume_mode=auto")
+    resumed = demo_run.metrics()  # the file logger starts a new file per run
     assert sorted(resumed) == [3], f"resume did not start after the step-2 checkpoint: steps {sorted(resumed)}"
     for key in REQUIRED:
         assert math.isfinite(float(resumed[3][key]))

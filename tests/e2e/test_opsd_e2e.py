@@ -9,15 +9,10 @@ under veRL's FSDP2 engine, with the dataset fields reaching the actor's micro-ba
 holds /tmp/opd_heavy.lock and has a hard timeout.
 """
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
-LOCK = "/tmp/opd_heavy.lock"
 RUN_TIMEOUT_S = 600
 LOCK_WAIT_S = 2400
 
@@ -33,38 +28,14 @@ OPSD_METRICS = (
 )
 
 
-def _run(tmp_path, *overrides):
-    cmd = [
-        "flock",
-        "-w",
-        str(LOCK_WAIT_S),
-        LOCK,
-        "timeout",
-        str(RUN_TIMEOUT_S),
-        sys.executable,
-        "-m",
-        "opd_verl.main",
-        "+recipe=opsd",
-        "opd.cpu_demo=true",
-        "trainer.total_training_steps=2",
-        "trainer.save_freq=2",
-        f"trainer.default_local_dir={tmp_path / 'run'}",
-        f"hydra.run.dir={tmp_path / 'hydra'}",
-        *overrides,
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=dict(os.environ))
-    (tmp_path / "run.log").write_text(out.stdout + out.stderr)
-    assert out.returncode == 0, f"opsd failed (rc {out.returncode}); log tail:\n{(out.stdout + out.stderr)[-5000:]}"
-    by_step: dict[int, dict] = {}
-    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            by_step.setdefault(row["step"], {}).update(row["data"])
-    return by_step
+def _run(demo_run, *overrides):
+    steps = ("trainer.total_training_steps=2", "trainer.save_freq=2")
+    demo_run.run("opsd", "run", *steps, *overrides, run_timeout_s=RUN_TIMEOUT_S, lock_wait_s=LOCK_WAIT_S)
+    return demo_run.metrics()
 
 
-def test_opsd_recipe_trains_two_steps_with_lora_frozen_teacher(tmp_path):
-    metrics = _run(tmp_path)
+def test_opsd_recipe_trains_two_steps_with_lora_frozen_teacher(demo_run, tmp_path):
+    metrics = _run(demo_run)
     assert sorted(metrics) == [1, 2]
     for step, data in metrics.items():
         for key in (*OPSD_METRICS, "actor/grad_norm", "actor/loss"):
@@ -81,11 +52,11 @@ def test_opsd_recipe_trains_two_steps_with_lora_frozen_teacher(tmp_path):
     assert not list(actor_ckpt.glob("opsd_teacher_rank*.pt")), "a frozen LoRA teacher keeps no weight copy"
 
 
-def test_opsd_sampled_variant_with_ema_teacher(tmp_path):
+def test_opsd_sampled_variant_with_ema_teacher(demo_run, tmp_path):
     """``opd.opsd.loss=sampled`` through the same actor path, EMA teacher (adapter EMA) saved with the checkpoint."""
     import torch
 
-    metrics = _run(tmp_path, "opd.opsd.loss=sampled", "opd.opsd.teacher=ema", "opd.opsd.ema_decay=0.9")
+    metrics = _run(demo_run, "opd.opsd.loss=sampled", "opd.opsd.teacher=ema", "opd.opsd.ema_decay=0.9")
     assert sorted(metrics) == [1, 2]
     for step, data in metrics.items():
         for key in ("actor/opsd/loss", "actor/opsd/sampled_gap_mean", "actor/opsd/context_fraction", "actor/pg_loss"):

@@ -3,49 +3,28 @@ the next step boundary and a clean exit; a second run resumes from that checkpoi
 on `--signal=B:USR1@300` and requeue)."""
 
 import fcntl
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-LOCK = "/tmp/opd_heavy.lock"
 LOCK_WAIT_S = 1500
 RUN_TIMEOUT_S = 900
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(LOCK_WAIT_S + 2 * RUN_TIMEOUT_S + 300)]
 
 
-def _steps(run_dir) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return sorted({row["step"] for row in rows})
+def _command(demo_run, name, *overrides):
+    return demo_run.command("exopd", name, "trainer.save_freq=-1", *overrides)
 
 
-def _command(tmp_path, name, *overrides):
-    return [
-        sys.executable,
-        "-m",
-        "opd_verl.main",
-        "+recipe=exopd",
-        "opd.cpu_demo=true",
-        f"trainer.default_local_dir={tmp_path / 'run'}",
-        f"hydra.run.dir={tmp_path / ('hydra_' + name)}",
-        "trainer.save_freq=-1",
-        *overrides,
-    ]
-
-
-def test_usr1_checkpoints_at_step_boundary_then_resume(tmp_path):
-    run_dir = tmp_path / "run"
+def test_usr1_checkpoints_at_step_boundary_then_resume(demo_run, tmp_path):
+    run_dir = demo_run.run_dir
     flag = tmp_path / "PREEMPT_REQUESTED"
     env = {**os.environ, "OPD_PREEMPT_FLAG_FILE": str(flag)}
-    with open(LOCK, "a") as lock:
+    with open(demo_run.lock, "a") as lock:
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
@@ -57,7 +36,7 @@ def test_usr1_checkpoints_at_step_boundary_then_resume(tmp_path):
 
         log = open(tmp_path / "first.log", "w")
         proc = subprocess.Popen(
-            _command(tmp_path, "first", "trainer.total_training_steps=60"),
+            _command(demo_run, "first", "trainer.total_training_steps=60"),
             cwd=tmp_path,
             env=env,
             stdout=log,
@@ -65,7 +44,7 @@ def test_usr1_checkpoints_at_step_boundary_then_resume(tmp_path):
         )
         try:
             deadline = time.monotonic() + RUN_TIMEOUT_S
-            while not _steps(run_dir):
+            while not sorted(demo_run.metrics()):
                 assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
                 assert time.monotonic() < deadline, "no training step within the time limit"
                 time.sleep(1)
@@ -77,7 +56,7 @@ def test_usr1_checkpoints_at_step_boundary_then_resume(tmp_path):
             log.close()
         text = (tmp_path / "first.log").read_text()
         assert rc == 0, text[-4000:]
-        done = _steps(run_dir)
+        done = sorted(demo_run.metrics())
         last = done[-1]
         assert last < 60, "the run trained to the end: the signal did not stop it"
         assert (run_dir / f"global_step_{last}").is_dir(), f"no checkpoint at the step boundary {last}: {text[-3000:]}"
@@ -85,7 +64,7 @@ def test_usr1_checkpoints_at_step_boundary_then_resume(tmp_path):
 
         flag.unlink()  # the launcher clears a handled request before the requeued job starts
         resumed = subprocess.run(
-            _command(tmp_path, "resume", f"trainer.total_training_steps={last + 1}", "trainer.resume_mode=auto"),
+            _command(demo_run, "resume", f"trainer.total_training_steps={last + 1}", "trainer.resume_mode=auto"),
             cwd=tmp_path,
             env=env,
             capture_output=True,
@@ -93,4 +72,4 @@ def test_usr1_checkpoints_at_step_boundary_then_resume(tmp_path):
             timeout=RUN_TIMEOUT_S,
         )
         assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
-        assert _steps(run_dir) == [last + 1], f"resume did not continue after step {last}"
+        assert sorted(demo_run.metrics()) == [last + 1], f"resume did not continue after step {last}"

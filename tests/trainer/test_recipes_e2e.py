@@ -8,13 +8,9 @@ start-up per run; runs hold /tmp/opd_heavy.lock.
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
-LOCK = "/tmp/opd_heavy.lock"
 RUN_TIMEOUT_S = 900
 LOCK_WAIT_S = 2400
 
@@ -40,42 +36,14 @@ def base_model_dir(tmp_path_factory):
     return build_tiny_qwen2(str(path), HIDDEN_SIZE, NUM_LAYERS, seed=TEACHER_INIT_SEED)
 
 
-def _run(tmp_path, recipe, *overrides):
-    cmd = [
-        "flock",
-        "-w",
-        str(LOCK_WAIT_S),
-        LOCK,
-        "timeout",
-        str(RUN_TIMEOUT_S),
-        sys.executable,
-        "-m",
-        "opd_verl.main",
-        f"+recipe={recipe}",
-        "opd.cpu_demo=true",
-        "trainer.total_training_steps=2",
-        "trainer.save_freq=2",
-        f"trainer.default_local_dir={tmp_path / 'run'}",
-        f"hydra.run.dir={tmp_path / 'hydra'}",
-        *overrides,
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=dict(os.environ))
-    (tmp_path / "run.log").write_text(out.stdout + out.stderr)
-    assert out.returncode == 0, f"{recipe} failed (rc {out.returncode}); log tail:\n{(out.stdout + out.stderr)[-5000:]}"
-    by_step: dict[int, dict] = {}
-    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            by_step.setdefault(row["step"], {}).update(row["data"])
-    return by_step
-
-
 @pytest.mark.parametrize("recipe", sorted(EXPECTED))
-def test_recipe_trains_two_steps(tmp_path, recipe, request):
+def test_recipe_trains_two_steps(demo_run, tmp_path, recipe, request):
     overrides = []
     if recipe == "gopd_rc":
         overrides.append(f"opd.reference.path={request.getfixturevalue('base_model_dir')}")
-    metrics = _run(tmp_path, recipe, *overrides)
+    steps = ("trainer.total_training_steps=2", "trainer.save_freq=2")
+    demo_run.run(recipe, "run", *steps, *overrides, run_timeout_s=RUN_TIMEOUT_S, lock_wait_s=LOCK_WAIT_S)
+    metrics = demo_run.metrics()
     assert sorted(metrics) == [1, 2]
     for step, data in metrics.items():
         for key in EXPECTED[recipe]:
