@@ -18,15 +18,14 @@ import torch
 
 from opd_verl.objectives.release import (
     MARGIN_KINDS,
+    RELEASE_BUFFERS,
     ReleasePlan,
-    apply_plan_rows,
-    margin_dtype,
-    release,
-    release_plan,
+    merge_plans,
+    release_buffer_dtypes,
+    release_rows,
     sorted_ids_width,
-    sorted_sentence_stats,
 )
-from opd_verl.objectives.rows import BlockPrefix, RowBuffers, blocked_output, load_masked
+from opd_verl.objectives.rows import BlockPrefix, blocked_output, load_masked
 from opd_verl.objectives.signals import (
     SIGNAL_BUFFERS,
     check_lam,
@@ -186,7 +185,7 @@ def _from_mapping(cls, values: dict, prefix: str):
     return cls(**values)
 
 
-_BUFFERS = (*SIGNAL_BUFFERS, "signal", "disc", "abs", "weights", "scratch", "margins", "order", "task")
+_BUFFERS = (*SIGNAL_BUFFERS, "signal", "disc", "abs", "weights", "task", *RELEASE_BUFFERS)
 _N_DECILES = 10
 
 
@@ -294,12 +293,12 @@ def compose_advantages(
 
     with torch.no_grad():
         device = student_logprobs.device
-        dtypes = {"margins": margin_dtype(margins)} if rp.enabled else {}
+        dtypes = release_buffer_dtypes(margins) if rp.enabled else {}
         out, blocks, bufs = blocked_output(response_mask.shape, device, _BUFFERS, dtypes)
         totals = _Totals(device)
         width = sorted_ids_width(sentence_ids) if rp.enabled else 0
         plans: list[ReleasePlan] = []
-        inputs = {"sentence_ids": sentence_ids, "margins": margins}
+        rule = (rp.min_segment, rp.penalty, rp.min_gain)
         for start, end in blocks:
             n = end - start
             mask = response_mask[start:end]
@@ -354,7 +353,8 @@ def compose_advantages(
             # stage 3: release, on this block's rows (the rule needs whole rows, which a block holds)
             adv = out[start:end]
             if rp.enabled:
-                plans.append(_release_block(adv, mask, mask_f, mask_prefix, bufs, start, end, width, rp, inputs))
+                rows = (sentence_ids[start:end], margins[start:end])
+                plans.append(release_rows(adv, mask, mask_prefix, bufs, start, width, *rows, rule))
             # task reward last, never released
             if params.task_coef != 0.0:
                 task = bufs["task", n]
@@ -379,37 +379,6 @@ def compose_advantages(
     return out, metrics
 
 
-def _release_block(
-    adv: torch.Tensor,
-    mask: torch.Tensor,
-    mask_f: torch.Tensor,
-    mask_prefix: BlockPrefix,
-    bufs: RowBuffers,
-    start: int,
-    end: int,
-    width: int,
-    rp: ReleaseParams,
-    inputs: dict[str, torch.Tensor],
-) -> ReleasePlan:
-    """Apply the release rule to one row block of advantages in place (from per-sentence statistics when the ids
-    are row-sorted, else the general rule) and return its plan."""
-    n = end - start
-    sentence_ids, margins = inputs["sentence_ids"][start:end], inputs["margins"][start:end]
-    stats = None
-    # loaded here also for the general rule: a NaN/inf margin at a valid token is reported with its batch row
-    load_masked(bufs["margins", n], margins, mask_f, mask, "margins", start, bufs.full("margins", n))
-    if width:
-        margin_prefix = BlockPrefix(bufs.full("margins", n), torch.float64)
-        stats = sorted_sentence_stats(sentence_ids, bufs["order", n], width, mask_prefix, margin_prefix)
-    if stats is not None:
-        plan = release_plan(stats, adv.shape[1], rp.min_segment, rp.penalty, rp.min_gain)
-        apply_plan_rows(adv, plan, bufs["scratch", n])
-        return plan
-    result = release(adv, mask, sentence_ids, margins, rp.min_segment, rp.penalty, rp.min_gain)
-    adv.copy_(result.advantages)
-    return ReleasePlan(*result[1:], result.n_valid.float() / result.n_kept.clamp_min(1).float())
-
-
 def _release_metrics(plans: list[ReleasePlan]) -> dict[str, float]:
     """Acceptance rate, mean kept fraction, mean BIC gain (where defined) and mean sentence count over the rows
     with at least one valid token (the plans of all row blocks)."""
@@ -421,7 +390,7 @@ def _release_metrics(plans: list[ReleasePlan]) -> dict[str, float]:
             "opd/release/gain_defined_rate": 0.0,
             "opd/release/n_sentences": 0.0,
         }
-    plan = ReleasePlan(*(torch.cat(field) for field in zip(*plans)))
+    plan = merge_plans(plans)
     rows = plan.n_valid > 0
     n_rows = int(rows.sum())
     metrics["opd/release/accept_rate"] = float(plan.accepted[rows].float().mean()) if n_rows else 0.0

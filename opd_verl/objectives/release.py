@@ -11,7 +11,14 @@ from typing import NamedTuple
 
 import torch
 
-from opd_verl.objectives.rows import BlockPrefix, blocked_output, check_finite_at_valid, load_mask, load_masked
+from opd_verl.objectives.rows import (
+    BlockPrefix,
+    RowBuffers,
+    blocked_output,
+    check_finite_at_valid,
+    load_mask,
+    load_masked,
+)
 from opd_verl.objectives.signals import check_same_shape
 
 __all__ = ["MARGIN_KINDS", "ReleaseResult", "topk_margin", "release_change_point", "apply_release", "release"]
@@ -230,12 +237,6 @@ class SentenceStats(NamedTuple):
     first_valid: torch.Tensor  # int64 position of the first of them (meaningless where counts == 0)
 
 
-def margin_dtype(margins: torch.Tensor) -> torch.dtype:
-    """Dtype the margins are read in: float64 inputs keep their precision, others are read as float32 (their
-    sentence sums are always accumulated in float64)."""
-    return torch.float64 if margins.dtype == torch.float64 else torch.float32
-
-
 def sorted_ids_width(sentence_ids: torch.Tensor) -> int:
     """Number of raw ids ``W = max(last id) + 1`` when the row-sorted path can apply, else 0.
 
@@ -257,7 +258,7 @@ def sorted_sentence_stats(
     ids: torch.Tensor, order_buf: torch.Tensor, width: int, mask_prefix: BlockPrefix, margin_prefix: BlockPrefix
 ) -> SentenceStats | None:
     """Sentence counts, margin sums and first valid positions of one row block; None if some row's ids are not
-    >= 0 and non-decreasing over all positions (then the caller uses :func:`_release_general`).
+    >= 0 and non-decreasing over all positions (then :func:`release_rows` uses :func:`_release_general`).
 
     Raw id ``j`` occupies the positions ``[start_j, start_{j+1})`` (``searchsorted``), so its valid-token count and
     margin sum are differences of row prefix sums read at those `(R, W + 1)` boundaries.
@@ -298,7 +299,7 @@ def release_plan(stats: SentenceStats, length: int, min_segment: int, penalty: f
     Sentences are the raw ids that hold at least one valid token, in order, as in :func:`_release_general`.
 
     Args:
-        stats: :class:`SentenceStats` of the whole batch (`(B, W)` fields).
+        stats: :class:`SentenceStats` of a row block (`(R, W)` fields).
         length: T.
     """
     counts, sums = stats.counts, stats.sums
@@ -341,46 +342,58 @@ def apply_plan_rows(out: torch.Tensor, plan: ReleasePlan, scratch: torch.Tensor)
     out.mul_(scratch)
 
 
-def _release_sorted(
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
+RELEASE_BUFFERS = ("margins", "order", "scratch")  # the RowBuffers names :func:`release_rows` uses
+
+
+def release_buffer_dtypes(margins: torch.Tensor) -> dict[str, torch.dtype]:
+    """Dtypes of :data:`RELEASE_BUFFERS`: float64 margins keep their precision, others are read as float32 (their
+    sentence sums are always accumulated in float64)."""
+    return {"margins": torch.float64 if margins.dtype == torch.float64 else torch.float32}
+
+
+def release_rows(
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    mask_prefix: BlockPrefix,
+    bufs: RowBuffers,
+    start: int,
+    width: int,
     sentence_ids: torch.Tensor,
     margins: torch.Tensor,
-    min_segment: int,
-    penalty: float,
-    min_gain: float,
-) -> ReleaseResult | None:
-    """Release rule over row blocks when the ids are row-sorted (see :func:`sorted_sentence_stats`); None
-    otherwise."""
-    length = response_mask.shape[1]
-    width = sorted_ids_width(sentence_ids)
-    if width == 0:
-        return None
-    names, dtypes = ("mask", "margins", "order", "scratch"), {"margins": margin_dtype(margins)}
-    out, blocks, bufs = blocked_output(response_mask.shape, advantages.device, names, dtypes)
-    plans = []
-    for start, end in blocks:
-        n = end - start
-        mask = response_mask[start:end]
-        mask_f = bufs["mask", n]
-        load_mask(mask_f, mask, bufs.full("mask", n))
-        load_masked(bufs["margins", n], margins[start:end], mask_f, mask, "margins", start, bufs.full("margins", n))
-        stats = sorted_sentence_stats(
-            sentence_ids[start:end],
-            bufs["order", n],
-            width,
-            BlockPrefix(bufs.full("mask", n)),
-            BlockPrefix(bufs.full("margins", n), torch.float64),
-        )
-        if stats is None:
-            return None
-        plan = release_plan(stats, length, min_segment, penalty, min_gain)
-        adv = out[start:end]
-        load_masked(adv, advantages[start:end], mask_f, mask, "advantages", start, adv)
+    rule: tuple[int, float, float],
+) -> ReleasePlan:
+    """Apply the release rule in place to one row block of loaded advantages and return its plan.
+
+    From per-sentence statistics when the block's ids are row-sorted (``width`` from :func:`sorted_ids_width`),
+    else with :func:`_release_general`.
+
+    Args:
+        adv: `(R, T)` float32 advantages, 0 at masked positions (rows ``start .. start + R`` of the batch).
+        mask: `(R, T)` the caller's mask; ``mask_prefix`` is the :class:`BlockPrefix` of its float 0/1 buffer.
+        bufs: buffers holding :data:`RELEASE_BUFFERS` (and the mask).
+        sentence_ids, margins: `(R, T)` rows of the inputs.
+        rule: ``(min_segment, penalty, min_gain)``.
+    """
+    n = adv.shape[0]
+    mask_f = mask_prefix.values[:, : adv.shape[1]]
+    # loaded also for the general rule: a NaN/inf margin at a valid token is reported with its batch row
+    load_masked(bufs["margins", n], margins, mask_f, mask, "margins", start, bufs.full("margins", n))
+    stats = None
+    if width:
+        margin_prefix = BlockPrefix(bufs.full("margins", n), torch.float64)
+        stats = sorted_sentence_stats(sentence_ids, bufs["order", n], width, mask_prefix, margin_prefix)
+    if stats is not None:
+        plan = release_plan(stats, adv.shape[1], *rule)
         apply_plan_rows(adv, plan, bufs["scratch", n])
-        plans.append(plan)
-    plan = ReleasePlan(*(torch.cat(f) for f in zip(*plans)))
-    return ReleaseResult(out, plan.release_index, plan.accepted, plan.gain, plan.n_sentences, plan.n_valid, plan.n_kept)
+        return plan
+    result = _release_general(adv, mask.bool(), sentence_ids, margins, *rule)
+    adv.copy_(result.advantages)
+    return ReleasePlan(*result[1:], result.n_valid.float() / result.n_kept.clamp_min(1).float())
+
+
+def merge_plans(plans: list[ReleasePlan]) -> ReleasePlan:
+    """The plans of consecutive row blocks as one (fields concatenated over rows); ``plans`` not empty."""
+    return ReleasePlan(*(torch.cat(field) for field in zip(*plans)))
 
 
 def release(
@@ -397,12 +410,24 @@ def release(
     check_same_shape(response_mask, advantages=advantages, sentence_ids=sentence_ids, margins=margins)
     if sentence_ids.dtype.is_floating_point or sentence_ids.dtype == torch.bool:
         raise ValueError(f"sentence_ids must be an integer tensor, got dtype {sentence_ids.dtype}")
+    rule = (min_segment, float(penalty), float(min_gain))
     with torch.no_grad():
-        args = (advantages, response_mask, sentence_ids, margins, min_segment, float(penalty), float(min_gain))
-        fast = _release_sorted(*args)
-        if fast is not None:
-            return fast
-        return _release_general(advantages, response_mask.bool(), *args[2:])
+        if response_mask.shape[0] == 0:
+            return _release_general(advantages, response_mask.bool(), sentence_ids, margins, *rule)
+        names, dtypes = ("mask", *RELEASE_BUFFERS), release_buffer_dtypes(margins)
+        out, blocks, bufs = blocked_output(response_mask.shape, advantages.device, names, dtypes)
+        width = sorted_ids_width(sentence_ids)
+        plans = []
+        for start, end in blocks:
+            n = end - start
+            mask = response_mask[start:end]
+            load_mask(bufs["mask", n], mask, bufs.full("mask", n))
+            adv = out[start:end]
+            load_masked(adv, advantages[start:end], bufs["mask", n], mask, "advantages", start, adv)
+            rows = (sentence_ids[start:end], margins[start:end])
+            plans.append(release_rows(adv, mask, BlockPrefix(bufs.full("mask", n)), bufs, start, width, *rows, rule))
+        plan = merge_plans(plans)
+    return ReleaseResult(out, plan.release_index, plan.accepted, plan.gain, plan.n_sentences, plan.n_valid, plan.n_kept)
 
 
 def apply_release(
