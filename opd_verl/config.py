@@ -375,11 +375,16 @@ def _check_server_teachers(opd: OPDConfig) -> None:
         _fail("weighting.anneal", True, f"annealing needs the training step, which {why} loss does not see")
 
 
+def parse_cpu_demo(value: Any) -> str:
+    """`opd.cpu_demo` as auto | true | false (YAML booleans allowed); OPDConfigError naming the field otherwise."""
+    return _choice({"cpu_demo": value}, "cpu_demo", "", CPU_DEMO)
+
+
 def parse_opd_section(raw: dict, cfg: DictConfig | None = None) -> OPDConfig:
     """Validate a plain-dict `opd` section; `cfg` (the whole config) enables the checks against veRL fields."""
     if not isinstance(raw, dict):
         raise OPDConfigError("the `opd` config section is missing; compose from opd_verl's opd_trainer config")
-    cpu_demo = _choice(raw, "cpu_demo", "", CPU_DEMO)
+    cpu_demo = parse_cpu_demo(raw.get("cpu_demo"))
     signal = _parse_signal(raw.get("signal") or {})
     ref_raw = raw.get("reference") or {}
     reference = ReferenceConfig(

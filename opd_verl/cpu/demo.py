@@ -22,11 +22,10 @@ import os
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from opd_verl.config import parse_cpu_demo
 from opd_verl.cpu import task
 
 DEMO_EXPERIMENT_PREFIX = "cpu_demo"
-TRUE_VALUES = ("true", "1", "yes", "on")
-FALSE_VALUES = ("false", "0", "no", "off")
 
 DEMO_LORA_RANK = 8
 
@@ -45,16 +44,8 @@ DEMO_DEFAULTS = {
 
 
 def cpu_demo_mode(cfg: DictConfig) -> str:
-    """`opd.cpu_demo` normalised to auto | true | false; a clear error for anything else."""
-    value = OmegaConf.select(cfg, "opd.cpu_demo", default="auto")
-    text = str(value).strip().lower()
-    if text in TRUE_VALUES:
-        return "true"
-    if text in FALSE_VALUES:
-        return "false"
-    if text == "auto":
-        return "auto"
-    raise ValueError(f"opd.cpu_demo must be one of auto, true, false; got {value!r}")
+    """`opd.cpu_demo` as auto | true | false (the `opd` section's own parser); a clear error for anything else."""
+    return parse_cpu_demo(OmegaConf.select(cfg, "opd.cpu_demo", default="auto"))
 
 
 def cuda_present() -> bool:

@@ -6,6 +6,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from opd_verl.config import OPDConfigError, load_opd_config
 from opd_verl.cpu.assets import DemoAssets
 from opd_verl.cpu.demo import apply_cpu_demo, cpu_demo_mode, maybe_apply_cpu_demo
 from opd_verl.cpu.ray_setup import CPURuntimeError, check_cpu_runtime, required_logical_gpus
@@ -77,6 +78,12 @@ def test_cpu_demo_switch():
     cfg = _compose("opd.cpu_demo=false")
     assert cpu_demo_mode(cfg) == "false"
     assert maybe_apply_cpu_demo(cfg) is cfg and cfg.actor_rollout_ref.rollout.get("name") != "hf"
+    # the preset and the `opd` section validation read the field with one parser: what one refuses, both refuse
+    cfg = _compose("opd.cpu_demo=no")
+    with pytest.raises(OPDConfigError, match="opd.cpu_demo='no' is not allowed"):
+        cpu_demo_mode(cfg)
+    with pytest.raises(OPDConfigError, match="opd.cpu_demo='no' is not allowed"):
+        load_opd_config(cfg)
     cfg = _compose("opd.cpu_demo=maybe")
-    with pytest.raises(ValueError, match="opd.cpu_demo must be one of auto, true, false"):
+    with pytest.raises(ValueError, match="opd.cpu_demo=.maybe. is not allowed: allowed values are auto, true, false"):
         cpu_demo_mode(cfg)
