@@ -23,23 +23,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from verl_rows import (  # noqa: E402
-    DEFAULT_DATA_SOURCE,
-    ConversionError,
     DropReport,
-    check_data_source,
     clean_answer,
     clean_text,
-    finish,
+    convert_records,
+    converter_parser,
     last_boxed,
-    make_row,
-    read_records,
-    render_prompt,
+    run_converter,
     solution_text,
 )
 
@@ -51,26 +48,12 @@ ASSISTANT_ROLES = ("assistant", "gpt")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help="local .parquet/.jsonl/.json files")
-    p.add_argument("--output", required=True, help="output parquet path")
-    p.add_argument("--split", default="train", help="written to extra_info.split (default: train)")
+    p = converter_parser(__doc__, template="opsd")
     p.add_argument("--dataset", default="openthoughts_math", help="written to extra_info.dataset")
-    p.add_argument(
-        "--data-source",
-        default=DEFAULT_DATA_SOURCE,
-        help=f"veRL scorer key (default: {DEFAULT_DATA_SOURCE}, i.e. verl.utils.reward_score.math_reward)",
-    )
-    p.add_argument("--template", default="opsd", help="opsd | gopd | a string containing {problem} (default: opsd)")
-    p.add_argument("--route", default="math", help="extra_info.opd_teacher, the multi-teacher routing value")
     p.add_argument("--problem-field", default=None, help="force the problem column")
     p.add_argument("--solution-field", default=None, help="force the solution column")
     p.add_argument("--answer-field", default=None, help="force the answer column")
-    p.add_argument("--solution-part", default="final", choices=("final", "full"), help="see verl_rows.solution_text")
     p.add_argument("--allow-missing-solution", action="store_true", help="keep rows without a solution")
-    p.add_argument("--dedup", action="store_true", help="drop repeated problems (exact text), keeping the first")
-    p.add_argument("--limit", type=int, default=None, help="stop after this many kept rows")
-    p.add_argument("--report", default=None, help="drop report path (default: <output>.report.json)")
     return p.parse_args(argv)
 
 
@@ -123,61 +106,24 @@ def extract(record: dict, args: argparse.Namespace) -> tuple[str | None, str | N
     return problem, kept_solution, answer
 
 
+def row_fields(args: argparse.Namespace, record: dict, report: DropReport, where: str) -> dict | None:
+    """The output fields of one source record, or None (reason recorded in ``report``)."""
+    problem, solution, answer = extract(record, args)
+    if problem is None:
+        return report.drop("missing_problem", where)
+    if solution is None and not args.allow_missing_solution:
+        return report.drop("missing_solution", where)
+    if answer is None:
+        return report.drop("missing_answer", where)
+    return {"problem": problem, "answer": answer, "dataset": args.dataset, "solution": solution}
+
+
 def convert(args: argparse.Namespace) -> tuple[list[dict], DropReport]:
-    render_prompt(args.template, "x")
-    check_data_source(args.data_source)
-    report = DropReport()
-    rows: list[dict] = []
-    seen: set[str] = set()
-    for path in args.input:
-        for where, record in read_records(path, report):
-            if args.limit is not None and len(rows) >= args.limit:
-                break
-            report.read += 1
-            if not isinstance(record, dict):
-                report.drop("not_an_object", where)
-                continue
-            problem, solution, answer = extract(record, args)
-            if problem is None:
-                report.drop("missing_problem", where)
-                continue
-            if solution is None and not args.allow_missing_solution:
-                report.drop("missing_solution", where)
-                continue
-            if answer is None:
-                report.drop("missing_answer", where)
-                continue
-            if args.dedup:
-                if problem in seen:
-                    report.drop("duplicate_problem", where)
-                    continue
-                seen.add(problem)
-            rows.append(
-                make_row(
-                    problem=problem,
-                    answer=answer,
-                    data_source=args.data_source,
-                    template=args.template,
-                    split=args.split,
-                    index=len(rows),
-                    dataset=args.dataset,
-                    solution=solution,
-                    route=args.route,
-                )
-            )
-    report.kept = len(rows)
-    return rows, report
+    return convert_records(args, partial(row_fields, args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        rows, report = convert(args)
-        finish(rows, report, args.output, args.report)
-    except ConversionError as err:
-        print(f"prepare_math_solutions: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_converter("prepare_math_solutions", convert, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@ Inputs are local files only (`.parquet`, `.jsonl`, `.json`); nothing is download
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,6 +266,78 @@ def finish(rows: list[dict], report: DropReport, output: str | Path, report_path
     report_file.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     print(report.summary())
     print(f"wrote {len(rows)} rows to {output} (report: {report_file})")
+
+
+def converter_parser(description: str, template: str) -> argparse.ArgumentParser:
+    """The arguments every converter takes; the converter adds its own. ``template`` is the default template."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="local .parquet/.jsonl/.json files")
+    p.add_argument("--output", required=True, help="output parquet path")
+    p.add_argument("--split", default="train", help="written to extra_info.split (default: train)")
+    p.add_argument(
+        "--data-source",
+        default=DEFAULT_DATA_SOURCE,
+        help=f"veRL scorer key (default: {DEFAULT_DATA_SOURCE}, i.e. verl.utils.reward_score.math_reward)",
+    )
+    others = " | ".join(name for name in TEMPLATES if name != template)
+    p.add_argument(
+        "--template",
+        default=template,
+        help=f"{template} | {others} | a string containing {{problem}} (default: {template})",
+    )
+    p.add_argument("--route", default="math", help="extra_info.opd_teacher, the multi-teacher routing value")
+    p.add_argument("--solution-part", default="final", choices=("final", "full"), help="see verl_rows.solution_text")
+    p.add_argument("--dedup", action="store_true", help="drop repeated problems (exact text), keeping the first")
+    p.add_argument("--limit", type=int, default=None, help="stop after this many kept rows")
+    p.add_argument("--report", default=None, help="drop report path (default: <output>.report.json)")
+    return p
+
+
+def convert_records(
+    args: argparse.Namespace, row_fields: Callable[[dict, DropReport, str], dict | None]
+) -> tuple[list[dict], DropReport]:
+    """Rows of every record of ``args.input``: ``row_fields(record, report, where)`` returns the :func:`make_row`
+    fields the record gives (``problem``, ``answer``, ``dataset``, ...), or None after recording why it drops it.
+
+    Checks the template and data source before reading anything; applies ``--dedup`` and ``--limit`` to the kept
+    rows.
+    """
+    render_prompt(args.template, "x")
+    check_data_source(args.data_source)
+    report = DropReport()
+    rows: list[dict] = []
+    seen: set[str] = set()
+    for path in args.input:
+        for where, record in read_records(path, report):
+            if args.limit is not None and len(rows) >= args.limit:
+                break
+            report.read += 1
+            if not isinstance(record, dict):
+                report.drop("not_an_object", where)
+                continue
+            fields = row_fields(record, report, where)
+            if fields is None:
+                continue
+            if args.dedup:
+                if fields["problem"] in seen:
+                    report.drop("duplicate_problem", where)
+                    continue
+                seen.add(fields["problem"])
+            common = {"data_source": args.data_source, "template": args.template, "split": args.split}
+            rows.append(make_row(**common, index=len(rows), route=args.route, **fields))
+    report.kept = len(rows)
+    return rows, report
+
+
+def run_converter(name: str, convert: Callable[[argparse.Namespace], tuple[list[dict], DropReport]], args) -> int:
+    """Convert and write; a :class:`ConversionError` is printed with the converter's name (exit code 2)."""
+    try:
+        rows, report = convert(args)
+        finish(rows, report, args.output, args.report)
+    except ConversionError as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 _THOUGHT_SOLUTION = re.compile(r"<\|begin_of_solution\|>(.*?)(?:<\|end_of_solution\|>|$)", re.S)
