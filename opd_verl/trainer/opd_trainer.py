@@ -151,17 +151,20 @@ def stage_metrics(params, tensors: dict, step: int | None, total_steps: int | No
 
 
 class OPDTaskRunnerBase(TaskRunnerV1.__ray_actor_class__):
-    """veRL's v1 task runner that selects the plugin trainer for ``trainer.v1.trainer_mode=sync``.
+    """veRL's v1 task runner that selects the plugin trainer ``trainer_name`` for ``trainer.v1.trainer_mode=sync``
+    (the trainer puts ``sync`` back, see `OPDTrainer`).
 
     Pass the Ray actor class `OPDTaskRunner` to ``verl.trainer.main_ppo.run_ppo(config, task_runner_class=...)``.
     """
+
+    trainer_name = OPD_TRAINER_NAME
 
     def run(self, config: DictConfig):
         import opd_verl.integration.plugin  # noqa: F401  (estimators registered in this actor)
 
         if config.trainer.v1.trainer_mode == "sync":
             with open_dict(config):
-                config.trainer.v1.trainer_mode = OPD_TRAINER_NAME
+                config.trainer.v1.trainer_mode = self.trainer_name
         return super().run(config)
 
 
@@ -172,9 +175,12 @@ OPDTaskRunner = ray.remote(OPDTaskRunnerBase)
 class OPDTrainer(PPOTrainerSync):
     """veRL's synchronous trainer with the plugin's teacher/reference workers (see the module docstring)."""
 
+    trainer_name = OPD_TRAINER_NAME  # the name it is registered under, which a task runner selects
+
     def __init__(self, config: DictConfig):
+        # selected by its registered name; veRL's synchronous trainer expects its own mode name
         with open_dict(config):
-            if config.trainer.v1.trainer_mode == OPD_TRAINER_NAME:
+            if config.trainer.v1.trainer_mode == self.trainer_name:
                 config.trainer.v1.trainer_mode = "sync"
         self.opd: OPDConfig = load_opd_config(config)
         self.opd_state: dict[str, Any] = {"advantage_step": 0, "teacher_calls": 0}

@@ -31,7 +31,7 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from opd_verl.config import OPDConfigError
-from opd_verl.trainer.opd_trainer import OPD_TRAINER_NAME, OPDTaskRunnerBase, OPDTrainer
+from opd_verl.trainer.opd_trainer import OPDTaskRunnerBase, OPDTrainer
 
 __all__ = [
     "OPSD_ESTIMATOR",
@@ -92,11 +92,7 @@ def check_opsd_supported(opd, config: DictConfig) -> None:
 class OPSDTaskRunnerBase(OPDTaskRunnerBase):
     """veRL's v1 task runner that selects `OPSDTrainer` for ``trainer.v1.trainer_mode=sync``."""
 
-    def run(self, config: DictConfig):
-        if config.trainer.v1.trainer_mode == "sync":
-            with open_dict(config):
-                config.trainer.v1.trainer_mode = OPSD_TRAINER_NAME
-        return super().run(config)
+    trainer_name = OPSD_TRAINER_NAME
 
 
 OPSDTaskRunner = ray.remote(OPSDTaskRunnerBase)
@@ -106,10 +102,9 @@ OPSDTaskRunner = ray.remote(OPSDTaskRunnerBase)
 class OPSDTrainer(OPDTrainer):
     """The plugin trainer with OPSD's actor worker (see the module docstring)."""
 
+    trainer_name = OPSD_TRAINER_NAME
+
     def __init__(self, config: DictConfig):
-        with open_dict(config):
-            if config.trainer.v1.trainer_mode == OPSD_TRAINER_NAME:
-                config.trainer.v1.trainer_mode = OPD_TRAINER_NAME  # OPDTrainer restores "sync"
         self._opsd_configured = False
         super().__init__(config)
 
