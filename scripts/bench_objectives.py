@@ -35,6 +35,8 @@ from opd_verl.objectives import (
     gopd_advantages,
     iw_opd_advantages,
 )
+from opd_verl.objectives.release import ReleasePlan, apply_plan_rows
+from opd_verl.objectives.weighting import iw_weights_rows
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -105,21 +107,16 @@ def _bare_chain(student, teacher, ref, mask, release_index, scale, lam: float, w
     batch, length = teacher.shape
     out = torch.empty(batch, length)
     disc, absd, weights, signal, factor = (torch.empty(rows, length) for _ in range(5))
-    positions = torch.arange(length, dtype=torch.float32)
-    gamma = w_max - 1.0
     for start in range(0, batch, rows):
         n = min(rows, batch - start)
         rs = slice(start, start + n)
         d = torch.sub(teacher[rs], student[rs], out=disc[:n]).mul_(mask[rs])
-        a = torch.abs(d, out=absd[:n])
-        c = torch.cumsum(a, dim=-1, out=weights[:n])
-        slope = c[:, -1:].add(1e-8).reciprocal_().mul_(-gamma)
-        h = c.sub_(a).mul_(slope).add_(gamma).clamp_(0.0, gamma)
+        h = iw_weights_rows(weights[:n], torch.abs(d, out=absd[:n]), w_max)
         x = torch.sub(teacher[rs], ref[rs], out=signal[:n]).mul_(mask[rs])
         sig = torch.add(d, x, alpha=lam - 1.0, out=x)
         o = torch.addcmul(sig, sig, h, out=out[rs])
-        f = torch.sub(release_index[rs, None], positions, out=factor[:n]).clamp_(0.0, 1.0).mul_(scale[rs, None])
-        o.mul_(f)
+        plan = ReleasePlan(release_index[rs], None, None, None, None, None, scale[rs])
+        apply_plan_rows(o, plan, factor[:n])
     return out
 
 
@@ -132,7 +129,7 @@ def _bench_floors(args, batch, t_cumsum: float) -> None:
             x.sum()
         return torch.empty_like(teacher).zero_()
 
-    release_index = torch.randint(args.cols // 8, args.cols, (args.rows,)).float()
+    release_index = torch.randint(args.cols // 8, args.cols, (args.rows,))
     scale = 1.0 + torch.rand(args.rows)
     t_memory = _median_time(read_write_once, args.repeats)
     chains = {
