@@ -71,18 +71,25 @@ def _task_runner(opd: OPDConfig):
     return OPDTaskRunner
 
 
-def launch(cfg: DictConfig, opd: OPDConfig) -> None:
-    """Validate veRL's own fields and run its trainer (Ray driver side)."""
-    from verl.trainer.main_ppo import run_ppo
+def validate_verl(cfg: DictConfig) -> None:
+    """veRL's own validation of the composed config (batch sizes against GPUs, micro-batches, ...), in the driver."""
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
     import opd_verl.integration.plugin  # noqa: F401  (registers the estimators in this process too)
-    from opd_verl.cpu.activate import is_active as cpu_shims_active
 
     auto_set_device(cfg)
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+
+
+def launch(cfg: DictConfig, opd: OPDConfig) -> None:
+    """Validate veRL's own fields and run its trainer (Ray driver side)."""
+    from verl.trainer.main_ppo import run_ppo
+
+    from opd_verl.cpu.activate import is_active as cpu_shims_active
+
+    validate_verl(cfg)
     if cpu_shims_active():
         from opd_verl.cpu.ray_setup import check_cpu_runtime
 
@@ -109,22 +116,29 @@ def check_opsd_data(cfg: DictConfig, opd: OPDConfig) -> None:
         )
 
 
+def check(cfg: DictConfig) -> tuple[DictConfig, OPDConfig]:
+    """What the driver checks and rewrites before veRL's validation: presets, the `opd` section, OPSD's data,
+    the translation to veRL's teacher servers. Raises `OPDConfigError` / `OPSDDataError`."""
+    validate_before_demo(cfg)
+    cfg = prepare(cfg)
+    opd = load_opd_config(cfg)
+    if opd.signal.name == "opsd":
+        from opd_verl.trainer.opsd_trainer import check_opsd_supported
+
+        check_opsd_supported(opd, cfg)
+        check_opsd_data(cfg, opd)
+    if opd.teachers.kind == "server" and opd.signal.name != "opsd":
+        from opd_verl.integration.server_teachers import apply_server_teachers
+
+        apply_server_teachers(cfg, opd)
+    return cfg, opd
+
+
 def run(cfg: DictConfig) -> None:
     from opd_verl.opsd.inputs import OPSDDataError
 
     try:
-        validate_before_demo(cfg)
-        cfg = prepare(cfg)
-        opd = load_opd_config(cfg)
-        if opd.signal.name == "opsd":
-            from opd_verl.trainer.opsd_trainer import check_opsd_supported
-
-            check_opsd_supported(opd, cfg)
-            check_opsd_data(cfg, opd)
-        if opd.teachers.kind == "server" and opd.signal.name != "opsd":
-            from opd_verl.integration.server_teachers import apply_server_teachers
-
-            apply_server_teachers(cfg, opd)
+        cfg, opd = check(cfg)
     except OPDConfigError as err:
         sys.exit(f"opd_verl: invalid config: {err}")
     except OPSDDataError as err:
