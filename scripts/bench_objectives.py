@@ -1,42 +1,34 @@
 """Benchmark the objectives library; prints ratios measured in one run.
 
 1. Advantage pipeline (``compose_advantages``: ExOPD + IW + release with its metrics, margins and sentence ids
-   given) on a `[rows, cols]` float32 batch, time divided by one ``torch.cumsum`` over a tensor of the same size
-   (target <= 8x); also the public stage functions called one after another.
+   given) on a `[rows, cols]` float32 batch, beside the public stage functions called one after another; with
+   ``--baseline-rev REV`` also both as of git revision REV (imported from ``git show``), in the same run.
 2. Chunked generalized JSD (forward + backward) on `[positions, vocab]` logits: time ratio to the unchunked
    computation (target <= 1.3x), and ratio of the memory needed beyond the inputs (target <= 0.25x), each variant
    measured in its own subprocess as the rise of the peak RSS (``ru_maxrss``; ``VmHWM`` on Linux) after the inputs
    exist.
 3. Sentence segmentation (decode + Punkt + token mapping): tokens per second in one process (target >= 200k/s).
 
-Usage: python scripts/bench_objectives.py [--rows 256 --cols 16384 --positions 4096 --vocab 32768 ...]
+Usage: python scripts/bench_objectives.py [--rows 256 --cols 16384 --baseline-rev REV --positions 4096 ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import random
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from opd_verl.objectives import (
-    StageParams,
-    apply_release,
-    batch_sentence_ids,
-    compose_advantages,
-    discrepancy,
-    generalized_jsd,
-    gopd_advantages,
-    iw_opd_advantages,
-)
-from opd_verl.objectives.release import ReleasePlan, apply_plan_rows
-from opd_verl.objectives.weighting import iw_weights_rows
+from opd_verl.objectives import batch_sentence_ids, generalized_jsd
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -68,102 +60,89 @@ def _pipeline_batch(rows: int, cols: int, sentences: int, seed: int = 0, padding
     return student, teacher, ref, mask, sids, margins
 
 
-def _bench_pipeline_case(args, params: StageParams, padding: float | None):
-    student, teacher, ref, mask, sids, margins = _pipeline_batch(args.rows, args.cols, args.sentences, 0, padding)
-
-    def composed():
-        return compose_advantages(
-            student, teacher, mask, params=params, ref_logprobs=ref, sentence_ids=sids, margins=margins
-        )
-
-    def stages():
-        adv = gopd_advantages(student, teacher, mask, 1.25, ref)
-        adv = iw_opd_advantages(adv, mask, 1.5, discrepancy(student, teacher, mask))
-        return apply_release(adv, mask, sids, margins)
-
-    def cumsum():
-        return torch.cumsum(teacher, dim=-1)
-
-    t_cumsum = _median_time(cumsum, args.repeats)
-    t_composed = _median_time(composed, args.repeats)
-    t_stages = _median_time(stages, args.repeats)
-    print(
-        f"    compose_advantages (ExOPD + IW + release, with metrics): {t_composed * 1e3:7.1f} ms, "
-        f"cumsum {t_cumsum * 1e3:5.1f} ms, ratio {t_composed / t_cumsum:5.2f}x (target <= 8x)"
-    )
-    print(
-        f"    the stage functions one after another:                  {t_stages * 1e3:7.1f} ms, "
-        f"ratio {t_stages / t_cumsum:5.2f}x"
-    )
-    if padding is None:
-        _bench_floors(args, (student, teacher, ref, mask, sids, margins), t_cumsum)
-    return composed()[1]
-
-
-def _bare_chain(student, teacher, ref, mask, release_index, scale, lam: float, w_max: float, rows: int):
-    """The fewest eager tensor operations that produce ExOPD + IW advantages with a release plan already known
-    (``release_index``, ``scale`` per row): no validation, no metrics, no sentence statistics; ``rows`` rows at a
-    time so the intermediates stay in cache."""
-    batch, length = teacher.shape
-    out = torch.empty(batch, length)
-    disc, absd, weights, signal, factor = (torch.empty(rows, length) for _ in range(5))
-    for start in range(0, batch, rows):
-        n = min(rows, batch - start)
-        rs = slice(start, start + n)
-        d = torch.sub(teacher[rs], student[rs], out=disc[:n]).mul_(mask[rs])
-        h = iw_weights_rows(weights[:n], torch.abs(d, out=absd[:n]), w_max)
-        x = torch.sub(teacher[rs], ref[rs], out=signal[:n]).mul_(mask[rs])
-        sig = torch.add(d, x, alpha=lam - 1.0, out=x)
-        o = torch.addcmul(sig, sig, h, out=out[rs])
-        plan = ReleasePlan(release_index[rs], None, None, None, None, None, scale[rs])
-        apply_plan_rows(o, plan, factor[:n])
-    return out
-
-
-def _bench_floors(args, batch, t_cumsum: float) -> None:
-    """What no implementation of the pipeline on this machine can beat, as ratios to the same cumsum."""
+def _stage_functions(lib, batch):
+    """``lib``'s public stage functions called one after another (ExOPD + IW + release)."""
     student, teacher, ref, mask, sids, margins = batch
+    adv = lib.gopd_advantages(student, teacher, mask, 1.25, ref)
+    adv = lib.iw_opd_advantages(adv, mask, 1.5, lib.discrepancy(student, teacher, mask))
+    return lib.apply_release(adv, mask, sids, margins)
 
-    def read_write_once():
-        for x in (student, teacher, ref, mask, sids, margins):
-            x.sum()
-        return torch.empty_like(teacher).zero_()
 
-    release_index = torch.randint(args.cols // 8, args.cols, (args.rows,))
-    scale = 1.0 + torch.rand(args.rows)
-    t_memory = _median_time(read_write_once, args.repeats)
-    chains = {
-        rows: _median_time(
-            lambda rows=rows: _bare_chain(student, teacher, ref, mask, release_index, scale, 1.25, 1.5, rows),
-            args.repeats,
-        )
-        for rows in (1, 2, 4, 8, 16, 32)
-    }
-    rows, t_chain = min(chains.items(), key=lambda item: item[1])
-    print(
-        f"    floor: read each input once, write the result once:     {t_memory * 1e3:7.1f} ms, "
-        f"ratio {t_memory / t_cumsum:5.2f}x"
+def _composed(lib, batch):
+    """``lib.compose_advantages`` (what the trainer calls): ExOPD + IW + release with all its metrics."""
+    student, teacher, ref, mask, sids, margins = batch
+    params = lib.StageParams(
+        signal={"name": "gopd", "lam": 1.25}, weighting={"name": "iw", "w_max": 1.5}, release={"enabled": True}
     )
-    print(
-        f"    floor: bare eager chain, release plan given, no checks: {t_chain * 1e3:7.1f} ms, "
-        f"ratio {t_chain / t_cumsum:5.2f}x ({rows} rows at a time, the best of 1-32)"
+    return lib.compose_advantages(
+        student, teacher, mask, params=params, ref_logprobs=ref, sentence_ids=sids, margins=margins
     )
+
+
+def load_baseline(rev: str):
+    """``opd_verl.objectives`` as of git revision ``rev``, imported as a separate package from a temp folder."""
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+    repo = root.stdout.strip()
+    listing = subprocess.run(
+        ["git", "-C", repo, "ls-tree", "--name-only", rev, "opd_verl/objectives/"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="opd_bench_")) / "baseline_objectives"
+    folder.mkdir()
+    for path in listing.stdout.split():
+        if path.endswith(".py"):
+            text = subprocess.run(
+                ["git", "-C", repo, "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
+            ).stdout
+            (folder / Path(path).name).write_text(text.replace("opd_verl.objectives", "baseline_objectives"))
+    sys.path.insert(0, str(folder.parent))
+    return importlib.import_module("baseline_objectives")
+
+
+def _interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median time of each function, called in turn round after round (so a change in machine load hits all)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def bench_pipeline(args) -> None:
-    params = StageParams(
-        signal={"name": "gopd", "lam": 1.25}, weighting={"name": "iw", "w_max": 1.5}, release={"enabled": True}
-    )
-    print(f"[pipeline] batch [{args.rows}, {args.cols}] float32, ~{args.sentences} sentences/row, median times,")
-    print("  ratios to one torch.cumsum over the same tensor")
-    print("  finite log-probs at padding (as a veRL rollout has):")
-    metrics = _bench_pipeline_case(args, params, None)
-    print("  -inf at padding:")
-    _bench_pipeline_case(args, params, float("-inf"))
+    import opd_verl.objectives as lib
+
+    batch = _pipeline_batch(args.rows, args.cols, args.sentences, 0)
+    padded = _pipeline_batch(args.rows, args.cols, args.sentences, 0, float("-inf"))
+    n_tokens = float(batch[3].sum())
+    fns = {
+        "compose_advantages": lambda: _composed(lib, batch),
+        "stage functions chained": lambda: _stage_functions(lib, batch),
+        "compose_advantages, -inf at padding": lambda: _composed(lib, padded),
+    }
+    if args.baseline_rev:
+        base = load_baseline(args.baseline_rev)
+        torch.testing.assert_close(_composed(lib, batch)[0], _composed(base, batch)[0], rtol=1e-5, atol=1e-5)
+        fns[f"{args.baseline_rev}: compose_advantages"] = lambda: _composed(base, batch)
+        fns[f"{args.baseline_rev}: stage functions chained"] = lambda: _stage_functions(base, batch)
+    times = _interleaved_medians(fns, args.repeats)
     print(
-        f"  release accept rate {metrics['opd/release/accept_rate']:.2f}, "
-        f"kept fraction {metrics['opd/release/kept_fraction']:.2f}"
+        f"[pipeline] ExOPD + IW + release on [{args.rows}, {args.cols}] float32 ({n_tokens / 1e6:.2f}M valid tokens,"
+        f" ~{args.sentences} sentences/row), median of {args.repeats}, each ratio = its time / compose_advantages'"
     )
+    ours = times["compose_advantages"]
+    for name, seconds in times.items():
+        print(f"  {name:48s} {seconds * 1e3:8.1f} ms  ({seconds / ours:5.2f}x)")
+    print(f"  compose_advantages per million valid tokens: {ours / n_tokens * 1e9:.1f} ms")
+    if args.baseline_rev:
+        chain = times[f"{args.baseline_rev}: stage functions chained"]
+        print(
+            f"  compose_advantages / {args.baseline_rev}'s stage functions chained: {ours / chain:5.2f}x (target <= 2x)"
+        )
 
 
 def _gjsd_inputs(positions: int, vocab: int):
@@ -312,6 +291,7 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=16384)
     parser.add_argument("--sentences", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--baseline-rev", default=None, help="git revision whose objectives to time beside these")
     parser.add_argument("--positions", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--chunk-size", type=int, default=512)

@@ -1,40 +1,26 @@
-"""Composition of the stages (docs/objectives.md section 6).
+"""Composition of the stages (docs/objectives.md section 6): ``A = release(weighting(signal)) + task_coef * task``.
 
-``A = release(weighting(signal)) + task_coef * task_advantages``. The parameter dataclasses mirror the ``opd:``
-section of ``hydra_configs/opd_trainer.yaml`` field by field (``signal.*``, ``weighting.*``, ``release.*``,
-``task_coef``), so a config maps onto them 1:1.
-
-:func:`compose_advantages` evaluates all stages block of rows by block of rows (:mod:`opd_verl.objectives.rows`):
-each input is read once, the result written once, and the metrics are accumulated as sums on the way.
+The parameter dataclasses mirror the ``opd:`` section of ``hydra_configs/opd_trainer.yaml`` field by field
+(``signal.*``, ``weighting.*``, ``release.*``, ``task_coef``), so a config maps onto them 1:1.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
-from opd_verl.objectives.release import (
-    MARGIN_KINDS,
-    RELEASE_BUFFERS,
-    ReleasePlan,
-    merge_plans,
-    release_buffer_dtypes,
-    release_rows,
-    sorted_ids_width,
+from opd_verl.objectives.checks import check_lam, check_number, check_same_shape, masked, valid_mask
+from opd_verl.objectives.release import MARGIN_KINDS, ReleaseResult, release_masked
+from opd_verl.objectives.signals import gopd_signal
+from opd_verl.objectives.weighting import (
+    POSITION_MODES,
+    cosine_fraction,
+    decile_sums,
+    iw_weights,
+    position_mask_weights,
 )
-from opd_verl.objectives.rows import BlockPrefix, blocked_output, load_masked
-from opd_verl.objectives.signals import (
-    SIGNAL_BUFFERS,
-    check_lam,
-    check_ref_given,
-    check_same_shape,
-    load_signal_block,
-    signal_rows,
-)
-from opd_verl.objectives.weighting import POSITION_MODES, cosine_fraction, iw_weights_rows, position_mask_weights
 
 __all__ = [
     "SIGNAL_NAMES",
@@ -48,18 +34,6 @@ __all__ = [
 
 SIGNAL_NAMES = ("opd", "gopd", "opsd_sampled")
 WEIGHTING_NAMES = ("none", "iw", *POSITION_MODES)
-
-
-def _finite(name: str, value: Any, low: float | None = None, high: float | None = None, low_open: bool = False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        lo = "-inf" if low is None else f"{'(' if low_open else '['}{low}"
-        hi = "inf)" if high is None else f"{high}]"
-        raise ValueError(f"{name} must be a finite number in {lo}, {hi}, got {value!r}")
 
 
 @dataclass
@@ -77,7 +51,7 @@ class SignalParams:
     def __post_init__(self):
         if self.name not in SIGNAL_NAMES:
             raise ValueError(f"opd.signal.name must be one of {list(SIGNAL_NAMES)}, got {self.name!r}")
-        _finite("opd.signal.lam", self.lam, 0.0, low_open=True)
+        check_number("opd.signal.lam", self.lam, 0.0, low_open=True)
         if self.name != "gopd" and self.lam != 1.0:
             raise ValueError(f"opd.signal.lam={self.lam} applies only to signal.name=gopd; {self.name!r} needs lam=1")
 
@@ -96,10 +70,10 @@ class WeightingParams:
     def __post_init__(self):
         if self.name not in WEIGHTING_NAMES:
             raise ValueError(f"opd.weighting.name must be one of {list(WEIGHTING_NAMES)}, got {self.name!r}")
-        _finite("opd.weighting.w_max", self.w_max, 1.0)
-        _finite("opd.weighting.fraction", self.fraction, 0.0, 1.0, low_open=True)
-        _finite("opd.weighting.weight", self.weight, 0.0)
-        _finite("opd.weighting.fraction_end", self.fraction_end, 0.0, 1.0, low_open=True)
+        check_number("opd.weighting.w_max", self.w_max, 1.0)
+        check_number("opd.weighting.fraction", self.fraction, 0.0, 1.0, low_open=True)
+        check_number("opd.weighting.weight", self.weight, 0.0)
+        check_number("opd.weighting.fraction_end", self.fraction_end, 0.0, 1.0, low_open=True)
         if not isinstance(self.anneal, bool):
             raise ValueError(f"opd.weighting.anneal must be true or false, got {self.anneal!r}")
         if self.anneal and self.name not in ("prefix_mask", "prefix_weight"):
@@ -135,8 +109,8 @@ class ReleaseParams:
             raise ValueError(f"opd.release.split_newlines must be true or false, got {self.split_newlines!r}")
         if isinstance(self.min_segment, bool) or not isinstance(self.min_segment, int) or self.min_segment < 1:
             raise ValueError(f"opd.release.min_segment must be an int >= 1, got {self.min_segment!r}")
-        _finite("opd.release.penalty", self.penalty, 0.0)
-        _finite("opd.release.min_gain", self.min_gain)
+        check_number("opd.release.penalty", self.penalty, 0.0)
+        check_number("opd.release.min_gain", self.min_gain)
 
 
 @dataclass
@@ -155,7 +129,7 @@ class StageParams:
                 setattr(self, name, _from_mapping(cls, value, f"opd.{name}"))
             elif not isinstance(value, cls):
                 raise ValueError(f"opd.{name} must be a {cls.__name__} or a mapping, got {type(value).__name__}")
-        _finite("opd.task_coef", self.task_coef)
+        check_number("opd.task_coef", self.task_coef)
 
     @classmethod
     def from_config(cls, opd_section: Any) -> StageParams:
@@ -183,39 +157,6 @@ def _from_mapping(cls, values: dict, prefix: str):
     if unknown:
         raise ValueError(f"{prefix} has unknown keys {unknown}; allowed: {sorted(allowed)}")
     return cls(**values)
-
-
-_BUFFERS = (*SIGNAL_BUFFERS, "signal", "disc", "abs", "weights", "task", *RELEASE_BUFFERS)
-_N_DECILES = 10
-
-
-class _Totals:
-    """Sums over the valid tokens of the batch, accumulated block by block (floats and small tensors)."""
-
-    def __init__(self, device: torch.device):
-        self.n_valid = 0.0
-        self.sums = {"disc": 0.0, "abs": 0.0, "signal": 0.0, "weights": 0.0, "advantage": 0.0}
-        self.w_min = math.inf
-        self.w_max = -math.inf
-        self.decile_sums = torch.zeros(_N_DECILES, dtype=torch.float64, device=device)
-        self.decile_counts = torch.zeros(_N_DECILES, dtype=torch.int64, device=device)
-
-    def mean(self, key: str) -> float:
-        return self.sums[key] / self.n_valid if self.n_valid else 0.0
-
-
-def _decile_sums(mask_prefix: BlockPrefix, disc_prefix: BlockPrefix) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(10,)` sums of the discrepancy and `(10,)` token counts per position decile of each row's valid tokens,
-    over one row block.
-
-    A valid token of rank r (0-based) of n falls in decile ``floor(10 r / n)``, i.e. ranks
-    ``[ceil(k n / 10), ceil((k + 1) n / 10))`` form decile k (as :func:`position_decile_means`).
-    """
-    n = mask_prefix.before[:, -1:].round().long()
-    k = torch.arange(_N_DECILES + 1, device=n.device)
-    bounds = torch.div(k * n + _N_DECILES - 1, _N_DECILES, rounding_mode="floor")  # (R, 11) rank bounds
-    prefix = disc_prefix.at(mask_prefix.first_reaching(bounds))
-    return prefix.diff(dim=-1).sum(dim=0), bounds.diff(dim=-1).sum(dim=0)
 
 
 def compose_advantages(
@@ -267,138 +208,95 @@ def compose_advantages(
         margins=margins,
         task_advantages=task_advantages,
     )
-    metrics: dict[str, float] = {}
     sp, wp, rp = params.signal, params.weighting, params.release
-    if sp.name == "gopd":
-        use_lam = check_lam(sp.lam if lam is None else lam, response_mask.shape[0])
-        check_ref_given(use_lam, ref_logprobs)
-        if isinstance(use_lam, torch.Tensor):
-            use_lam = use_lam.to(student_logprobs.device)
-    elif lam is not None:
+    if lam is not None and sp.name != "gopd":
         raise ValueError(f"lam applies only to signal.name=gopd, got signal.name={sp.name!r}")
-    else:
-        use_lam = 1.0
-    fraction = wp.fraction
-    if wp.anneal:
-        if step is None or total_steps is None:
-            raise ValueError("opd.weighting.anneal=true needs step and total_steps")
-        fraction = cosine_fraction(step, total_steps, wp.fraction, wp.fraction_end)
-        metrics["opd/weighting/fraction"] = fraction
+    use_lam = check_lam(sp.lam if lam is None else lam, response_mask.shape[0]) if sp.name == "gopd" else 1.0
+    if wp.anneal and (step is None or total_steps is None):
+        raise ValueError("opd.weighting.anneal=true needs step and total_steps")
     if rp.enabled and (sentence_ids is None or margins is None):
         raise ValueError("opd.release.enabled=true needs sentence_ids and margins")
-    if rp.enabled and (sentence_ids.dtype.is_floating_point or sentence_ids.dtype == torch.bool):
-        raise ValueError(f"sentence_ids must be an integer tensor, got dtype {sentence_ids.dtype}")
     if params.task_coef != 0.0 and task_advantages is None:
         raise ValueError(f"opd.task_coef={params.task_coef} != 0 needs task_advantages")
 
-    with torch.no_grad():
-        device = student_logprobs.device
-        dtypes = release_buffer_dtypes(margins) if rp.enabled else {}
-        out, blocks, bufs = blocked_output(response_mask.shape, device, _BUFFERS, dtypes)
-        totals = _Totals(device)
-        width = sorted_ids_width(sentence_ids) if rp.enabled else 0
-        plans: list[ReleasePlan] = []
-        rule = (rp.min_segment, rp.penalty, rp.min_gain)
-        for start, end in blocks:
-            n = end - start
-            mask = response_mask[start:end]
-            mask_f, student, teacher, row_lam, ref, input_sums = load_signal_block(
-                bufs, start, end, response_mask, student_logprobs, teacher_logprobs, use_lam, ref_logprobs
-            )
-            # stage 1: signal (the discrepancy teacher - student drives the IW weights and the metrics)
-            disc = torch.sub(teacher, student, out=bufs["disc", n])
-            signal = disc if ref is None else signal_rows(bufs["signal", n], student, teacher, row_lam, ref)
-            abs_disc = torch.abs(disc, out=bufs["abs", n])
-            # stage 2: weighting
-            mask_prefix = BlockPrefix(bufs.full("mask", n))
-            n_rows = mask_prefix.before[:, -1]
-            totals.n_valid += float(n_rows.sum())
-            if wp.name == "iw":
-                # h = g - 1 (nonzero at masked positions too); out = signal * (1 + h)
-                h = iw_weights_rows(bufs["weights", n], abs_disc, wp.w_max)
-                torch.addcmul(signal, signal, h, out=out[start:end])
-                totals.sums["weights"] += float(n_rows.sum()) + float(
-                    torch.dot(bufs.full("weights", n).view(-1), bufs.full("mask", n).view(-1))
-                )
-                # g is non-increasing along the valid tokens: w_max at the first, the minimum at the last
-                rows = n_rows > 0
-                if bool(rows.any()):
-                    last = mask_prefix.first_reaching(n_rows[:, None]) - 1
-                    h_last = h.gather(1, last.clamp_min(0))[:, 0]
-                    totals.w_min = min(totals.w_min, 1.0 + float(h_last[rows].min()))
-                    totals.w_max = max(totals.w_max, wp.w_max)
-            else:
-                if wp.name == "none":
-                    weights = mask_f
-                else:
-                    weights = bufs["weights", n].copy_(position_mask_weights(mask, wp.name, fraction, wp.weight))
-                torch.mul(signal, weights, out=out[start:end])
-                totals.sums["weights"] += float(weights.sum())
-                # minimum over valid tokens: masked positions read 1e30
-                lifted = torch.mul(mask_f, -1e30, out=bufs["scratch", n]).add_(1e30).add_(weights)
-                totals.w_min = min(totals.w_min, float(lifted.amin()))
-                totals.w_max = max(totals.w_max, float(weights.amax()))
-            # metric sums from the loaded inputs' sums: disc = teacher - student, signal linear in the inputs
-            totals.sums["disc"] += input_sums["teacher"] - input_sums["student"]
-            if isinstance(row_lam, float):
-                linear = row_lam * input_sums["teacher"] + (1.0 - row_lam) * input_sums["ref"]
-                totals.sums["signal"] += linear - input_sums["student"]
-            else:
-                totals.sums["signal"] += float(signal.sum())
-            totals.sums["abs"] += float(abs_disc.sum())
-            decile_sums, decile_counts = _decile_sums(mask_prefix, BlockPrefix(bufs.full("disc", n)))
-            totals.decile_sums += decile_sums
-            totals.decile_counts += decile_counts
-
-            # stage 3: release, on this block's rows (the rule needs whole rows, which a block holds)
-            adv = out[start:end]
-            if rp.enabled:
-                rows = (sentence_ids[start:end], margins[start:end])
-                plans.append(release_rows(adv, mask, mask_prefix, bufs, start, width, *rows, rule))
-            # task reward last, never released
-            if params.task_coef != 0.0:
-                task = bufs["task", n]
-                load_masked(
-                    task, task_advantages[start:end], mask_f, mask, "task_advantages", start, bufs.full("task", n)
-                )
-                adv.add_(task, alpha=params.task_coef)
-            totals.sums["advantage"] += float(adv.sum())
-        if rp.enabled:
-            metrics.update(_release_metrics(plans))
-
-    metrics["opd/discrepancy"] = totals.mean("disc")
-    metrics["opd/abs_discrepancy"] = totals.mean("abs")
-    metrics["opd/signal"] = totals.mean("signal")
-    valid = totals.n_valid > 0
-    metrics["opd/weight_mean"] = totals.mean("weights")
-    metrics["opd/weight_min"] = totals.w_min if valid else 0.0
-    metrics["opd/weight_max"] = totals.w_max if valid else 0.0
-    metrics["opd/advantage"] = totals.mean("advantage")
-    for k, (total, count) in enumerate(zip(totals.decile_sums.tolist(), totals.decile_counts.tolist())):
-        metrics[f"opd/discrepancy_decile/{k}"] = total / count if count else 0.0
-    return out, metrics
-
-
-def _release_metrics(plans: list[ReleasePlan]) -> dict[str, float]:
-    """Acceptance rate, mean kept fraction, mean BIC gain (where defined) and mean sentence count over the rows
-    with at least one valid token (the plans of all row blocks)."""
     metrics: dict[str, float] = {}
-    if not plans:
+    mask = valid_mask(response_mask)
+    n_valid = float(mask.sum())
+
+    def mean(values: torch.Tensor) -> float:
+        return float(values.sum()) / max(n_valid, 1.0)
+
+    # each stage's metrics are taken as it is computed; the stages after it then work in place
+    with torch.no_grad():
+        teacher = masked("teacher_logprobs", teacher_logprobs, mask)
+        disc = masked("student_logprobs", student_logprobs, mask).neg_().add_(teacher)
+        abs_disc = disc.abs()
+        metrics["opd/discrepancy"] = mean(disc)
+        metrics["opd/abs_discrepancy"] = mean(abs_disc)
+        sums, counts = decile_sums(disc, mask)
+        for k, (total, count) in enumerate(zip(sums.tolist(), counts.tolist())):
+            metrics[f"opd/discrepancy_decile/{k}"] = total / count if count else 0.0
+
+        signal = disc if sp.name != "gopd" else gopd_signal(disc, teacher, mask, use_lam, ref_logprobs)
+        metrics["opd/signal"] = mean(signal)
+
+        weights = None  # weighting "none": 1 on every valid token
+        if wp.name == "iw":
+            weights = iw_weights(abs_disc, mask, wp.w_max)
+        elif wp.name != "none":
+            fraction = wp.fraction
+            if wp.anneal:
+                fraction = cosine_fraction(step, total_steps, wp.fraction, wp.fraction_end)
+                metrics["opd/weighting/fraction"] = fraction
+            weights = position_mask_weights(mask, wp.name, fraction, wp.weight)
+        metrics.update(_weight_metrics(weights, mask, n_valid))
+        advantages = signal if weights is None else weights.mul_(signal)
+
+        if rp.enabled:
+            rule = (rp.min_segment, float(rp.penalty), float(rp.min_gain))
+            result = release_masked(advantages, mask, sentence_ids, margins, *rule)
+            advantages = result.advantages
+            metrics.update(_release_metrics(result))
+        if params.task_coef != 0.0:
+            advantages.add_(masked("task_advantages", task_advantages, mask), alpha=params.task_coef)
+        metrics["opd/advantage"] = mean(advantages)
+    return advantages, metrics
+
+
+def _weight_metrics(weights: torch.Tensor | None, mask: torch.Tensor, n_valid: float) -> dict[str, float]:
+    """Mean, min and max of the weights `(B, T)` (>= 0, 0 where the float 0/1 mask is 0; None = 1) over the
+    valid tokens."""
+    if not n_valid:
+        return {"opd/weight_mean": 0.0, "opd/weight_min": 0.0, "opd/weight_max": 0.0}
+    if weights is None:
+        return {"opd/weight_mean": 1.0, "opd/weight_min": 1.0, "opd/weight_max": 1.0}
+    return {
+        "opd/weight_mean": float(weights.sum()) / n_valid,
+        # masked positions (0) may hold the minimum of all positions, never the maximum
+        "opd/weight_min": float(torch.where(mask.bool(), weights, torch.inf).amin()),
+        "opd/weight_max": float(weights.amax()),
+    }
+
+
+def _release_metrics(result: ReleaseResult) -> dict[str, float]:
+    """Acceptance rate, mean kept fraction, mean BIC gain (where defined) and mean sentence count over the rows
+    with at least one valid token."""
+    rows = result.n_valid > 0
+    if not bool(rows.any()):
         return {
             "opd/release/accept_rate": 0.0,
             "opd/release/kept_fraction": 1.0,
             "opd/release/gain_defined_rate": 0.0,
             "opd/release/n_sentences": 0.0,
         }
-    plan = merge_plans(plans)
-    rows = plan.n_valid > 0
-    n_rows = int(rows.sum())
-    metrics["opd/release/accept_rate"] = float(plan.accepted[rows].float().mean()) if n_rows else 0.0
-    kept_frac = plan.n_kept.double() / plan.n_valid.clamp_min(1).double()
-    metrics["opd/release/kept_fraction"] = float(kept_frac[rows].mean()) if n_rows else 1.0
-    defined = torch.isfinite(plan.gain) & rows
-    metrics["opd/release/gain_defined_rate"] = float(defined[rows].float().mean()) if n_rows else 0.0
+    kept_fraction = result.n_kept.double() / result.n_valid.clamp_min(1).double()
+    defined = torch.isfinite(result.gain) & rows
+    metrics = {
+        "opd/release/accept_rate": float(result.accepted[rows].float().mean()),
+        "opd/release/kept_fraction": float(kept_fraction[rows].mean()),
+        "opd/release/gain_defined_rate": float(defined[rows].float().mean()),
+        "opd/release/n_sentences": float(result.n_sentences[rows].double().mean()),
+    }
     if bool(defined.any()):
-        metrics["opd/release/gain"] = float(plan.gain[defined].mean())
-    metrics["opd/release/n_sentences"] = float(plan.n_sentences[rows].double().mean()) if n_rows else 0.0
+        metrics["opd/release/gain"] = float(result.gain[defined].mean())
     return metrics

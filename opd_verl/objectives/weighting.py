@@ -10,13 +10,13 @@ import math
 
 import torch
 
-from opd_verl.objectives.rows import blocked_output, load_mask, load_masked
-from opd_verl.objectives.signals import check_same_shape
+from opd_verl.objectives.checks import check_int, check_number, check_same_shape, masked, valid_mask
 
 __all__ = [
     "POSITION_MODES",
     "iw_opd_weights",
     "iw_opd_advantages",
+    "iw_weights",
     "position_mask_weights",
     "cosine_fraction",
     "position_decile_means",
@@ -24,17 +24,6 @@ __all__ = [
 
 POSITION_MODES = ("prefix_mask", "suffix_mask", "prefix_weight")
 _IW_EPS = 1e-8
-
-
-def _check_number(name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        lo = "(" if low_open else "["
-        hi = "inf)" if high == math.inf else f"{high}]"
-        raise ValueError(f"{name} must be a finite number in {lo}{low}, {hi}, got {value!r}")
-    return float(value)
 
 
 def iw_opd_weights(discrepancy: torch.Tensor, response_mask: torch.Tensor, w_max: float = 1.5) -> torch.Tensor:
@@ -53,59 +42,21 @@ def iw_opd_weights(discrepancy: torch.Tensor, response_mask: torch.Tensor, w_max
         `(B, T)` float32 weights, detached, 0 where the mask is 0.
     """
     check_same_shape(response_mask, discrepancy=discrepancy)
-    w_max = _check_number("w_max", w_max, 1.0)
-    with torch.no_grad():
-        return _iw_weighted(discrepancy, response_mask, w_max, None)
+    w_max = check_number("w_max", w_max, 1.0)
+    mask = valid_mask(response_mask)
+    return iw_weights(masked("discrepancy", discrepancy, mask).abs_(), mask, w_max)
 
 
-def iw_weights_rows(weights: torch.Tensor, abs_discrepancy: torch.Tensor, w_max: float) -> torch.Tensor:
-    """``weights <- (w_max - 1) * clamp(1 - F_{t-1}, 0, 1)``, the IW-OPD weights minus 1, for one row block.
+def iw_weights(abs_discrepancy: torch.Tensor, mask: torch.Tensor, w_max: float) -> torch.Tensor:
+    """IW-OPD weights from ``|D_t|`` `(B, T)` (finite, 0 at masked positions) and the float 0/1 ``mask``.
 
-    ``F_{t-1} = (cumsum(d)_t - d_t) / (sum(d) + 1e-8)`` (section 3), computed as
-    ``clamp((w_max - 1) - k * (cumsum(d)_t - d_t), 0, w_max - 1)`` with ``k = (w_max - 1) / (sum(d) + 1e-8)`` per row.
-    The caller adds 1 (``g = 1 + weights``), usually fused with the product by the signal
-    (``torch.addcmul(signal, signal, weights)``).
-
-    Args:
-        weights: `(R, T)` float32 result; nonzero also at masked positions.
-        abs_discrepancy: `(R, T)` float32 ``|D_t|``, finite, 0 at masked positions.
-
-    Returns:
-        ``weights``.
+    ``F_{t-1} = (cumsum(d)_t - d_t) / (sum(d) + 1e-8)`` per row, ``g_t = 1 + (w_max - 1) * clamp(1 - F_{t-1}, 0, 1)``,
+    0 where the mask is 0.
     """
-    gamma = w_max - 1.0
-    csum = torch.cumsum(abs_discrepancy, dim=-1, out=weights)
-    total = csum[:, -1:].clone() if csum.shape[-1] else csum.sum(dim=-1, keepdim=True)
-    slope = total.add_(_IW_EPS).reciprocal_().mul_(-gamma)
-    return csum.sub_(abs_discrepancy).mul_(slope).add_(gamma).clamp_(0.0, gamma)
-
-
-def _iw_weighted(
-    discrepancy: torch.Tensor, response_mask: torch.Tensor, w_max: float, advantages: torch.Tensor | None
-) -> torch.Tensor:
-    """IW-OPD weights, times ``advantages`` where given, over row blocks; 0 where the mask is 0.
-
-    Args:
-        discrepancy: `(B, T)` signed discrepancy.
-        response_mask: `(B, T)`.
-        advantages: `(B, T)` or None.
-    """
-    out, blocks, bufs = blocked_output(response_mask.shape, discrepancy.device, ("mask", "disc", "adv"))
-    for start, end in blocks:
-        n = end - start
-        mask = response_mask[start:end]
-        mask_f = bufs["mask", n]
-        load_mask(mask_f, mask, bufs.full("mask", n))
-        disc = bufs["disc", n]
-        load_masked(disc, discrepancy[start:end], mask_f, mask, "discrepancy", start, bufs.full("disc", n))
-        weights = iw_weights_rows(out[start:end], disc.abs_(), w_max)
-        if advantages is None:
-            weights.add_(1.0).mul_(mask_f)
-        else:
-            adv = bufs["adv", n]
-            load_masked(adv, advantages[start:end], mask_f, mask, "advantages", start, bufs.full("adv", n))
-            torch.addcmul(adv, adv, weights, out=weights)
-    return out
+    # g = w_max - k * (cumsum(d) - d) with k = (w_max - 1) / (sum(d) + 1e-8), clamped to [1, w_max]
+    slope = abs_discrepancy.sum(dim=-1, keepdim=True).add_(_IW_EPS).reciprocal_().mul_(1.0 - w_max)
+    weights = abs_discrepancy.cumsum(dim=-1).sub_(abs_discrepancy).mul_(slope).add_(w_max).clamp_(1.0, w_max)
+    return weights.mul_(mask)
 
 
 def iw_opd_advantages(
@@ -127,10 +78,11 @@ def iw_opd_advantages(
         `(B, T)` float32, detached, 0 where the mask is 0.
     """
     check_same_shape(response_mask, advantages=advantages, discrepancy=discrepancy)
-    w_max = _check_number("w_max", w_max, 1.0)
-    with torch.no_grad():
-        disc = advantages if discrepancy is None else discrepancy
-        return _iw_weighted(disc, response_mask, w_max, advantages)
+    w_max = check_number("w_max", w_max, 1.0)
+    mask = valid_mask(response_mask)
+    adv = masked("advantages", advantages, mask)
+    disc = adv if discrepancy is None else masked("discrepancy", discrepancy, mask)
+    return adv.mul_(iw_weights(disc.abs(), mask, w_max))
 
 
 def _valid_rank_and_count(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +115,8 @@ def position_mask_weights(
     """
     if mode not in POSITION_MODES:
         raise ValueError(f"mode must be one of {list(POSITION_MODES)}, got {mode!r}")
-    fraction = _check_number("fraction", fraction, 0.0, 1.0, low_open=True)
-    weight = _check_number("weight", weight, 0.0)
+    fraction = check_number("fraction", fraction, 0.0, 1.0, low_open=True)
+    weight = check_number("weight", weight, 0.0)
     if response_mask.dim() != 2:
         raise ValueError(f"response_mask must be 2-D (batch, response_len), got shape {tuple(response_mask.shape)}")
     mask = response_mask.bool()
@@ -191,8 +143,8 @@ def cosine_fraction(step: int, total_steps: int, r0: float = 0.3, r1: float = 1.
         raise ValueError(f"step must be an int >= 1, got {step!r}")
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
-    r0 = _check_number("r0", r0, 0.0, 1.0, low_open=True)
-    r1 = _check_number("r1", r1, 0.0, 1.0, low_open=True)
+    r0 = check_number("r0", r0, 0.0, 1.0, low_open=True)
+    r1 = check_number("r1", r1, 0.0, 1.0, low_open=True)
     p = 0.0 if total_steps == 1 else min(max((step - 1) / (total_steps - 1), 0.0), 1.0)
     return r0 + (r1 - r0) * (1.0 - math.cos(math.pi * p)) / 2.0
 
@@ -214,15 +166,32 @@ def position_decile_means(
         counts: `(n_bins,)` int64 number of tokens in each bin.
     """
     check_same_shape(response_mask, values=values)
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}")
-    mask = response_mask.bool()
-    rank, count = _valid_rank_and_count(mask)
-    bins = torch.div(rank.clamp_min(0) * n_bins, count.clamp_min(1), rounding_mode="floor").clamp(0, n_bins - 1)
-    vals = torch.where(mask, values.detach().float(), torch.zeros((), device=values.device))
-    sums = torch.zeros(n_bins, dtype=torch.float64, device=values.device)
-    sums.index_add_(0, bins[mask], vals[mask].double())
-    counts = torch.zeros(n_bins, dtype=torch.int64, device=values.device)
-    counts.index_add_(0, bins[mask], torch.ones_like(bins[mask]))
-    means = (sums / counts.clamp_min(1)).float()
-    return means, counts
+    check_int("n_bins", n_bins, 1)
+    mask = valid_mask(response_mask)
+    sums, counts = decile_sums(masked("values", values, mask), mask, n_bins)
+    return (sums / counts.clamp_min(1)).float(), counts
+
+
+def decile_sums(values: torch.Tensor, mask: torch.Tensor, n_bins: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(n_bins,)` float64 sums of ``values`` and `(n_bins,)` int64 token counts per relative-position bin.
+
+    The valid tokens of rank ``r`` (0-based) of ``n`` in a row, bin ``floor(n_bins * r / n)``, are the ranks
+    ``[ceil(k n / n_bins), ceil((k + 1) n / n_bins))`` of bin k: each bin's sum is a difference of the row's
+    cumulative sum at those rank boundaries.
+
+    Args:
+        values: `(B, T)` float32, 0 where the mask is 0.
+        mask: `(B, T)` float32 0/1 (:func:`~opd_verl.objectives.checks.valid_mask`).
+    """
+    batch, length = mask.shape
+    if length == 0:
+        return torch.zeros(n_bins, dtype=torch.float64), torch.zeros(n_bins, dtype=torch.int64)
+    count = mask.cumsum(dim=-1)  # valid tokens up to and including t (exact in float32 below 2^24)
+    csum = values.cumsum(dim=-1)
+    n = count[:, -1:]
+    k = torch.arange(n_bins + 1, device=mask.device, dtype=torch.float32)
+    bounds = torch.floor((k * n + (n_bins - 1)) / n_bins)  # (B, n_bins + 1) ceil(k n / n_bins)
+    # the bound-th valid token's position; its cumulative sum covers ranks [0, bound)
+    last = torch.searchsorted(count, bounds.contiguous()).clamp_max_(length - 1)
+    prefix = torch.where(bounds > 0, csum.gather(1, last).double(), 0.0)
+    return prefix.diff(dim=-1).sum(dim=0), bounds.diff(dim=-1).sum(dim=0).long()

@@ -183,3 +183,108 @@ def test_all_masked_batch_is_finite():
         s, s, m, params=params, sentence_ids=torch.zeros(2, 4, dtype=torch.long), margins=s
     )
     assert (out == 0).all() and all(math.isfinite(v) for v in metrics.values())
+
+
+def _ragged_batch(seed, b=6, t=150):
+    g = torch.Generator().manual_seed(seed)
+    s = -torch.rand(b, t, generator=g) * 4
+    te = -torch.rand(b, t, generator=g) * 4
+    r = -torch.rand(b, t, generator=g) * 4
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    m = (torch.arange(t)[None, :] < lengths[:, None]) & (torch.rand(b, t, generator=g) > 0.15)
+    m[0] = False  # an all-masked row
+    s = s.masked_fill(~m, -math.inf)
+    sids = (torch.arange(t)[None, :] * 9 // lengths[:, None].clamp_min(1)).clamp_max(8)
+    margins = torch.rand(b, t, generator=g)
+    margins = torch.where(torch.arange(t)[None, :] > lengths[:, None] // 2, margins * 0.2, margins)
+    return s, te, r, m.long(), sids, margins
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 1000), weighting=st.sampled_from(["none", "iw", "prefix_mask", "suffix_mask"]))
+def test_compose_metrics_equal_direct_computation(seed, weighting):
+    s, te, r, m, sids, margins = _ragged_batch(seed)
+    params = StageParams(
+        signal={"name": "gopd", "lam": 1.5}, weighting={"name": weighting, "w_max": 1.6, "fraction": 0.4}
+    )
+    out, metrics = compose_advantages(s, te, m, params=params, ref_logprobs=r)
+    valid = m.bool()
+    disc = gopd_advantages(s, te, m)
+    signal = gopd_advantages(s, te, m, 1.5, r)
+    if weighting == "iw":
+        weights = iw_opd_weights(disc, m, 1.6)
+    elif weighting == "none":
+        weights = valid.float()
+    else:
+        weights = position_mask_weights(m, weighting, 0.4)
+    approx = dict(rel=1e-5, abs=1e-5)
+    assert metrics["opd/discrepancy"] == pytest.approx(float(disc[valid].mean()), **approx)
+    assert metrics["opd/abs_discrepancy"] == pytest.approx(float(disc[valid].abs().mean()), **approx)
+    assert metrics["opd/signal"] == pytest.approx(float(signal[valid].mean()), **approx)
+    assert metrics["opd/advantage"] == pytest.approx(float(out[valid].mean()), **approx)
+    assert metrics["opd/weight_mean"] == pytest.approx(float(weights[valid].mean()), **approx)
+    assert metrics["opd/weight_min"] == pytest.approx(float(weights[valid].min()), **approx)
+    assert metrics["opd/weight_max"] == pytest.approx(float(weights[valid].max()), **approx)
+    # deciles by a loop over rows: rank r of n valid tokens falls in decile floor(10 r / n)
+    sums, counts = [0.0] * 10, [0] * 10
+    for row in range(m.shape[0]):
+        values = disc[row][valid[row]].tolist()
+        for rank, value in enumerate(values):
+            sums[10 * rank // len(values)] += value
+            counts[10 * rank // len(values)] += 1
+    for k in range(10):
+        expected = sums[k] / counts[k] if counts[k] else 0.0
+        assert metrics[f"opd/discrepancy_decile/{k}"] == pytest.approx(expected, **approx)
+
+
+def test_error_names_input_and_batch_row():
+    s, te, r, m, *_ = _ragged_batch(3)
+    m = torch.ones_like(m)
+    te[4, 7] = math.nan
+    with pytest.raises(ValueError, match=r"teacher_logprobs has NaN/inf at 1 valid response tokens \(rows \[4\]\)"):
+        compose_advantages(s.clamp_min(-10), te, m, params=StageParams())
+
+
+def test_nan_margin_names_its_batch_row():
+    s, te, r, m, sids, margins = _ragged_batch(4)
+    m = torch.ones_like(m)
+    margins[3, 5] = math.nan
+    params = StageParams(release={"enabled": True})
+    with pytest.raises(ValueError, match=r"margins has NaN/inf .*rows \[3\]"):
+        compose_advantages(s.clamp_min(-10), te, m, params=params, sentence_ids=sids, margins=margins)
+
+
+@pytest.mark.parametrize("padding", [0.3, -math.inf, math.inf, math.nan])
+@pytest.mark.parametrize("mask_dtype", [torch.long, torch.float32, torch.bool])
+def test_padding_values_never_matter_and_nonzero_mask_is_valid(padding, mask_dtype):
+    s, te, r, m, sids, margins = _ragged_batch(6, b=4, t=40)
+    s = s.clamp_min(-10)
+    params = StageParams(
+        signal={"name": "gopd", "lam": 1.25}, weighting={"name": "iw"}, release={"enabled": True}, task_coef=0.5
+    )
+    task = torch.randn(s.shape)
+    clean, clean_metrics = compose_advantages(
+        s, te, m, params=params, ref_logprobs=r, sentence_ids=sids, margins=margins, task_advantages=task
+    )
+    pad = ~m.bool()
+    dirty = [x.masked_fill(pad, padding) for x in (s, te, r, margins, task)]
+    # nonzero mask values count as valid, as response_mask.bool() does
+    scaled = (m * torch.where(torch.arange(40) % 2 == 0, 2, -1)).to(mask_dtype)
+    out, metrics = compose_advantages(
+        dirty[0],
+        dirty[1],
+        scaled,
+        params=params,
+        ref_logprobs=dirty[2],
+        sentence_ids=sids,
+        margins=dirty[3],
+        task_advantages=dirty[4],
+    )
+    assert torch.equal(out, clean) and metrics == clean_metrics
+
+
+def test_huge_finite_values_are_kept():
+    s = torch.tensor([[1e25, -3e30, -math.inf]])
+    m = torch.tensor([[1, 1, 0]])
+    out, _ = compose_advantages(s, torch.zeros(1, 3), m, params=StageParams())
+    assert out.tolist() == torch.tensor([[-1e25, 3e30, 0.0]]).tolist()

@@ -218,3 +218,27 @@ def test_topk_margin_hand_worked():
         topk_margin(lp, kind="entropy")
     with pytest.raises(ValueError, match="K >= 2"):
         topk_margin(lp[..., :1])
+
+
+def test_release_index_skips_a_masked_first_token():
+    # sentence 2 starts at position 4, which is masked: its first valid token is position 5
+    adv = torch.ones(1, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 1, 1, 1]])
+    sids = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3]])
+    margins = torch.tensor([[0.9, 0.9, 0.9, 0.9, 0.5, 0.1, 0.1, 0.1]])
+    out, index = apply_release(adv, mask, sids, margins, min_segment=2, penalty=0.0)
+    assert index.tolist() == [5]
+    assert out.tolist() == [[7 / 4] * 4 + [0.0] * 4]
+
+
+def test_ids_at_masked_positions_are_ignored():
+    g = torch.Generator().manual_seed(5)
+    adv = torch.randn(4, 30, generator=g)
+    mask = (torch.rand(4, 30, generator=g) > 0.2).long()
+    sids = (torch.arange(30) // 4).repeat(4, 1)
+    margins = torch.where(torch.arange(30) > 15, 0.1, 0.9) + 0.05 * torch.rand(4, 30, generator=g)
+    sorted_out = release(adv, mask, sids, margins, 2, 1.0)
+    scrambled = torch.where(mask.bool(), sids, torch.randint(0, 1000, sids.shape, generator=g))
+    for a, b in zip(sorted_out, release(adv, mask, scrambled, margins, 2, 1.0)):
+        assert torch.equal(a, b)
+    assert bool(sorted_out.accepted.any())
