@@ -138,10 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from opd_verl.acceptance import components
 
-        pad = 256  # the demo tokenizer's <|endoftext|>
         length, vocab, chunk = MEMORY_SIZES[device]
         checks = {
-            "teacher_logprobs": lambda: components.teacher_logprobs(a.teacher, device, pad),
+            "teacher_logprobs": lambda: components.teacher_logprobs(a.teacher, device),
             "logprob_memory": lambda: components.logprob_memory(device, length, vocab, chunk),
             "student_topk_hook": lambda: components.student_topk_hook(a.student, device),
             "opsd_lora_step": lambda: components.opsd_lora_step(a.student, device),

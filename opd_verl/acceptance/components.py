@@ -107,14 +107,17 @@ def _packed_logprobs(model, prompts, responses, device) -> list[torch.Tensor]:
     return list(got.split([r.numel() for r in responses]))
 
 
-def teacher_logprobs(teacher_path: str, device: str, pad_token_id: int) -> str:
+def teacher_logprobs(teacher_path: str, device: str) -> str:
     """Padded and packed chunked log-probs vs the full-logits reference, bfloat16 and float32; figure: max errors.
 
     Bounds: 1e-3 in float32; 0.08 in bfloat16 (the backbone of a padded or packed batch and of a row alone round
     differently in bfloat16; log-probs of this model are about -5.6).
     """
+    from transformers import AutoTokenizer
+
     from opd_verl.workers.logprobs import response_logprobs
 
+    pad_token_id = AutoTokenizer.from_pretrained(teacher_path).pad_token_id
     prompts, responses = mixed_rows()
     figures, errors = [], []
     for dtype, bound in ((torch.bfloat16, 0.08), (torch.float32, 1e-3)):
