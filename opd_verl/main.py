@@ -19,7 +19,7 @@ from opd_verl.config import OPDConfig, OPDConfigError, load_opd_config
 
 def prepare(cfg: DictConfig) -> DictConfig:
     """Apply presets that rewrite the config (the CPU demo) before validation."""
-    from opd_verl.cpu.demo import maybe_apply_cpu_demo
+    from opd_verl.demo.preset import maybe_apply_cpu_demo
 
     return maybe_apply_cpu_demo(cfg)
 
@@ -29,7 +29,7 @@ def validate_before_demo(cfg: DictConfig) -> None:
 
     The demo supplies the teacher path itself, so the check runs on a copy that has a stand-in path for it.
     """
-    from opd_verl.cpu.demo import demo_wanted
+    from opd_verl.demo.preset import demo_wanted
 
     if not demo_wanted(cfg):
         return
@@ -87,17 +87,17 @@ def launch(cfg: DictConfig, opd: OPDConfig) -> None:
     """Validate veRL's own fields and run its trainer (Ray driver side)."""
     from verl.trainer.main_ppo import run_ppo
 
-    from opd_verl.cpu.activate import is_active as cpu_shims_active
+    from opd_verl.cpu_port.activate import is_active as cpu_shims_active
 
     validate_verl(cfg)
     if cpu_shims_active():
-        from opd_verl.cpu.ray_setup import check_cpu_runtime
+        from opd_verl.cpu_port.ray_setup import check_cpu_runtime
 
         check_cpu_runtime(cfg)
     install_preemption_handlers(cfg)
     run_ppo(cfg, task_runner_class=_task_runner(opd))
     if cpu_shims_active() and str(cfg.opd.get("cpu_demo", "")) == "true":
-        from opd_verl.cpu.summary import summarize_run
+        from opd_verl.demo.summary import summarize_run
 
         summarize_run(cfg)
 

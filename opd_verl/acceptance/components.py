@@ -309,7 +309,7 @@ def opsd_lora_step(student_path: str, device: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from verl.utils import tensordict_utils as tu
 
-    from opd_verl.cpu import task
+    from opd_verl.demo import task
     from opd_verl.integration.opsd_loss import OPSDActorLoss
     from opd_verl.opsd.loss import OPSDLossParams
     from opd_verl.opsd.teacher import TeacherWeights

@@ -1,9 +1,9 @@
 """Check 2: the models and data of the acceptance run, built locally (random weights, nothing downloaded).
 
-The demo's byte-level chat tokenizer (`opd_verl.cpu.tiny.build_tokenizer`), a Qwen3-architecture student with tied
+The demo's byte-level chat tokenizer (`opd_verl.demo.tiny.build_tokenizer`), a Qwen3-architecture student with tied
 embeddings and a larger Qwen3 teacher with untied ones (the two layouts of the output embedding the teacher worker
 and vLLM must handle), each saved with its tokenizer and a generation config (vLLM reads it), and the demo's
-addition prompts in veRL's parquet format (`opd_verl.cpu.task`; rows carry the problem and solution OPSD needs).
+addition prompts in veRL's parquet format (`opd_verl.demo.task`; rows carry the problem and solution OPSD needs).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from opd_verl.cpu import task
-from opd_verl.cpu.tiny import IM_END, PAD_TOKEN, build_tokenizer
+from opd_verl.demo import task
+from opd_verl.demo.tiny import IM_END, PAD_TOKEN, build_tokenizer
 
 __all__ = ["STUDENT", "TEACHER", "Assets", "ModelSpec", "build_assets", "qwen3_config", "check_saved_model"]
 

@@ -64,7 +64,7 @@ def has_placement() -> bool:
 
 def common_overrides(assets, work: str, gpus: int) -> list[str]:
     """Data, models, reward and the GPU settings every run shares (sizes for a tiny model, a few minutes a run)."""
-    from opd_verl.cpu import task
+    from opd_verl.demo import task
 
     return [
         "opd.cpu_demo=false",

@@ -4,7 +4,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from opd_verl.cpu.tiny import build_tokenizer
+    from opd_verl.demo.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -16,7 +16,7 @@ def tiny_model(tokenizer):
     def _build(seed: int = 0):
         from transformers import Qwen2ForCausalLM
 
-        from opd_verl.cpu.tiny import tiny_qwen2_config
+        from opd_verl.demo.tiny import tiny_qwen2_config
 
         cfg = tiny_qwen2_config(len(tokenizer), hidden_size=32, num_layers=2)
         cfg.dtype = torch.float32

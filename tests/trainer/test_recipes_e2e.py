@@ -29,8 +29,8 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def base_model_dir(tmp_path_factory):
     """The demo teacher before its SFT: the reward-correction base model of ``gopd_rc``."""
-    from opd_verl.cpu.assets import HIDDEN_SIZE, NUM_LAYERS, TEACHER_INIT_SEED
-    from opd_verl.cpu.tiny import build_tiny_qwen2
+    from opd_verl.demo.assets import HIDDEN_SIZE, NUM_LAYERS, TEACHER_INIT_SEED
+    from opd_verl.demo.tiny import build_tiny_qwen2
 
     path = tmp_path_factory.mktemp("base") / "teacher_base"
     return build_tiny_qwen2(str(path), HIDDEN_SIZE, NUM_LAYERS, seed=TEACHER_INIT_SEED)

@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from opd_verl.cpu.tiny import build_tiny_qwen2
+    from opd_verl.demo.tiny import build_tiny_qwen2
 
     root = tmp_path_factory.mktemp("models")
     return {
@@ -131,7 +131,7 @@ def test_routing_two_teachers(ray_cpu, model_dirs):
 
 
 def test_sentence_ids_on_worker(ray_cpu, model_dirs):
-    from opd_verl.cpu.tiny import build_tokenizer
+    from opd_verl.demo.tiny import build_tokenizer
     from opd_verl.objectives.sentences import token_sentence_ids
 
     tok = build_tokenizer()

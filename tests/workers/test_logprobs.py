@@ -10,7 +10,7 @@ from opd_verl.workers.logprobs import chunked_logprobs, response_logprobs
 def tiny_model():
     from transformers import Qwen2ForCausalLM
 
-    from opd_verl.cpu.tiny import tiny_qwen2_config
+    from opd_verl.demo.tiny import tiny_qwen2_config
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(tiny_qwen2_config(vocab_size=259, hidden_size=32, num_layers=2))

@@ -9,7 +9,7 @@ from opd_verl.workers.tokenizer_check import TokenizerMismatchError, check_same_
 def tokenizer_dirs(tmp_path_factory):
     from transformers import AddedToken
 
-    from opd_verl.cpu.tiny import build_tokenizer
+    from opd_verl.demo.tiny import build_tokenizer
 
     root = tmp_path_factory.mktemp("tok")
     same_a, same_b = str(root / "student"), str(root / "teacher")

@@ -1,27 +1,28 @@
-"""The veRL 0.9.1 internals the CPU shims rely on. A failure here means veRL moved something: update opd_verl/cpu."""
+"""The veRL 0.9.1 internals the CPU shims rely on. A failure here means veRL moved something: update
+opd_verl/cpu_port."""
 
 import inspect
 
 import pytest
 
-from opd_verl.cpu import engine, gloo_patch, registry_access
+from opd_verl.cpu_port import fsdp_engines, gloo_patch, rollout_registration
 from opd_verl.integration import trl_compat
 
 
 def test_rollout_adapter_registry_dict():
     import verl.workers.rollout.base as base
 
-    registry = getattr(base, registry_access.ROLLOUT_REGISTRY_ATTR, None)
+    registry = getattr(base, rollout_registration.ROLLOUT_REGISTRY_ATTR, None)
     assert isinstance(registry, dict), (
-        f"verl.workers.rollout.base.{registry_access.ROLLOUT_REGISTRY_ATTR} is gone; the hf rollout adapter cannot be "
-        "registered (opd_verl/cpu/registry_access.py)"
+        f"verl.workers.rollout.base.{rollout_registration.ROLLOUT_REGISTRY_ATTR} is gone; the hf rollout adapter "
+        "cannot be registered (opd_verl/cpu_port/rollout_registration.py)"
     )
     assert all(isinstance(k, tuple) and len(k) == 2 and isinstance(v, str) for k, v in registry.items()), (
         "_ROLLOUT_REGISTRY is no longer a (name, mode) -> 'module.Class' dict"
     )
     src = inspect.getsource(base.get_rollout_class)
     assert "_ROLLOUT_REGISTRY" in src, "get_rollout_class no longer reads _ROLLOUT_REGISTRY"
-    assert registry_access.rollout_registry() is registry
+    assert rollout_registration.rollout_registry() is registry
 
 
 def test_process_group_initialiser_signature_and_default_backend():
@@ -33,10 +34,10 @@ def test_process_group_initialiser_signature_and_default_backend():
     params = tuple(inspect.signature(fn).parameters)
     assert params == gloo_patch.EXPECTED_PARAMETERS, (
         f"verl.utils.distributed.initialize_global_process_group_ray parameters are {params}; "
-        "update opd_verl/cpu/gloo_patch.py"
+        "update opd_verl/cpu_port/gloo_patch.py"
     )
     assert 'f"cpu:gloo,{get_device_name()}:{get_nccl_backend()}"' in inspect.getsource(fn), (
-        "the default backend string changed; check whether opd_verl/cpu/gloo_patch.py is still needed"
+        "the default backend string changed; check whether opd_verl/cpu_port/gloo_patch.py is still needed"
     )
     import verl.workers.engine_workers as ew
 
@@ -46,10 +47,10 @@ def test_process_group_initialiser_signature_and_default_backend():
 def test_fsdp2_offload_policy_name():
     import importlib
 
-    module = importlib.import_module(engine.ENGINE_MODULE)
-    assert hasattr(module, engine.OFFLOAD_POLICY_NAME), f"{engine.ENGINE_MODULE}.CPUOffloadPolicy moved"
+    module = importlib.import_module(fsdp_engines.ENGINE_MODULE)
+    assert hasattr(module, fsdp_engines.OFFLOAD_POLICY_NAME), f"{fsdp_engines.ENGINE_MODULE}.CPUOffloadPolicy moved"
     src = inspect.getsource(module.FSDPEngine._build_fsdp_module)
-    assert "CPUOffloadPolicy(pin_memory=True)" in src, "veRL's FSDP2 offload policy call changed; see engine.py"
+    assert "CPUOffloadPolicy(pin_memory=True)" in src, "veRL's FSDP2 offload policy call changed; see fsdp_engines.py"
 
 
 def test_engine_and_replica_registries():

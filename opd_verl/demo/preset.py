@@ -4,7 +4,7 @@
 device is present; with `true` always; with `false` never. The preset
 
 - builds (once, cached under the user's cache dir) the addition data set, a fresh tiny student and an SFT-trained
-  tiny teacher (`opd_verl.cpu.assets`),
+  tiny teacher (`opd_verl.demo.assets`),
 - points data, student, teacher (both `opd.teachers.models.default.path` and veRL's built-in
   `distillation.teacher_models`) and the reward function at them,
 - applies the settings veRL's trainer needs on CPU (strategy fsdp2, sdpa attention, no remove-padding, fp32,
@@ -23,7 +23,7 @@ import os
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from opd_verl.config import parse_cpu_demo
-from opd_verl.cpu import task
+from opd_verl.demo import task
 
 DEMO_EXPERIMENT_PREFIX = "cpu_demo"
 
@@ -102,10 +102,10 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
 
     Args:
         cfg: composed config (veRL's ppo_trainer + opd section + recipe). Modified in place and returned.
-        assets: `opd_verl.cpu.assets.DemoAssets`; built or loaded from the cache when None.
+        assets: `opd_verl.demo.assets.DemoAssets`; built or loaded from the cache when None.
     """
-    from opd_verl.cpu.assets import ensure_demo_assets
-    from opd_verl.cpu.ray_setup import apply_cpu_runtime
+    from opd_verl.cpu_port.ray_setup import apply_cpu_runtime
+    from opd_verl.demo.assets import ensure_demo_assets
 
     if assets is None:
         assets = ensure_demo_assets()

@@ -26,8 +26,8 @@ def _check_signature(fn) -> None:
     params = tuple(inspect.signature(fn).parameters)
     if params != EXPECTED_PARAMETERS:
         raise RuntimeError(
-            f"opd_verl.cpu: {TARGET_MODULE}.{TARGET_NAME} has parameters {params}, expected {EXPECTED_PARAMETERS}; "
-            "veRL changed, update opd_verl/cpu/gloo_patch.py."
+            f"opd_verl.cpu_port: {TARGET_MODULE}.{TARGET_NAME} has parameters {params}, "
+            f"expected {EXPECTED_PARAMETERS}; veRL changed, update opd_verl/cpu_port/gloo_patch.py."
         )
 
 
@@ -39,7 +39,8 @@ def patch_process_group_backend() -> None:
     original = getattr(module, TARGET_NAME, None)
     if original is None:
         raise RuntimeError(
-            f"opd_verl.cpu: {TARGET_MODULE}.{TARGET_NAME} not found; veRL changed, update opd_verl/cpu/gloo_patch.py."
+            f"opd_verl.cpu_port: {TARGET_MODULE}.{TARGET_NAME} not found; "
+            "veRL changed, update opd_verl/cpu_port/gloo_patch.py."
         )
     if getattr(original, "_opd_verl_cpu_patch", False):
         patched = original

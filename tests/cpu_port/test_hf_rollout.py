@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from opd_verl.cpu.hf_rollout import HFRolloutServer, load_causal_lm, prompt_logprobs, sample_batch, sample_tokens
+from opd_verl.cpu_port.hf_rollout import HFRolloutServer, load_causal_lm, prompt_logprobs, sample_batch, sample_tokens
 
 
 def _forward_logprobs(model, ids: list[int], temperature: float = 1.0) -> torch.Tensor:
@@ -88,7 +88,7 @@ def test_server_generate_and_teacher_request(tiny_model_dir):
 
 
 def test_server_weight_update_changes_outputs(tiny_model_dir, tmp_path):
-    from opd_verl.cpu.tiny import build_tiny_qwen2
+    from opd_verl.demo.tiny import build_tiny_qwen2
 
     server = _server(tiny_model_dir)
     seq = list(range(30, 50))
@@ -119,7 +119,7 @@ def test_batched_sampling_matches_single_prompts(model_and_tok):
 
 
 def test_server_batches_concurrent_requests(tiny_model_dir, monkeypatch):
-    import opd_verl.cpu.hf_rollout as hf
+    import opd_verl.cpu_port.hf_rollout as hf
 
     calls = []
     real = hf.sample_batch

@@ -4,8 +4,8 @@ import json
 
 import pandas as pd
 
-from opd_verl.cpu import task
-from opd_verl.cpu.summary import summarize_run
+from opd_verl.demo import task
+from opd_verl.demo.summary import summarize_run
 
 
 def test_problems_rows_and_reward(tmp_path):

@@ -38,8 +38,8 @@ def patch_offload_policy() -> None:
     original = getattr(module, OFFLOAD_POLICY_NAME, None)
     if original is None:
         raise RuntimeError(
-            f"opd_verl.cpu: {ENGINE_MODULE}.{OFFLOAD_POLICY_NAME} not found; "
-            "veRL changed, update opd_verl/cpu/engine.py."
+            f"opd_verl.cpu_port: {ENGINE_MODULE}.{OFFLOAD_POLICY_NAME} not found; "
+            "veRL changed, update opd_verl/cpu_port/fsdp_engines.py."
         )
     if getattr(original, "_opd_verl_no_pin", False):
         return

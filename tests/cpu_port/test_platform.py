@@ -7,7 +7,7 @@ import textwrap
 
 import torch
 
-from opd_verl.cpu.platform import CPU_DEVICE_MODULE, PlatformCPU, register_platform
+from opd_verl.cpu_port.platform import CPU_DEVICE_MODULE, PlatformCPU, register_platform
 
 
 def test_registered_and_never_auto_detected():
@@ -55,7 +55,7 @@ def test_activation_through_verl_external_modules_and_gloo_group():
     code = """
         import os
         import verl
-        from opd_verl.cpu.activate import is_active
+        from opd_verl.cpu_port.activate import is_active
         from verl.utils.device import get_device_name, get_nccl_backend
         from verl.workers.engine.base import EngineRegistry
         from verl.workers.rollout.base import get_rollout_class
@@ -69,7 +69,7 @@ def test_activation_through_verl_external_modules_and_gloo_group():
         print(get_rollout_class("hf", "async").__name__, get_rollout_replica_class("hf").__name__)
         dist.destroy_process_group()
     """
-    lines = _run(code, {"VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_MODULES": "opd_verl.cpu.activate"}).splitlines()
+    lines = _run(code, {"VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_MODULES": "opd_verl.cpu_port.activate"}).splitlines()
     assert lines[-3] == "True cpu gloo cpu:gloo"
     assert lines[-2] == "FSDPEngineWithLMHead"
     assert lines[-1] == "HFServerAdapter HFRolloutReplica"
@@ -78,9 +78,9 @@ def test_activation_through_verl_external_modules_and_gloo_group():
 def test_not_activated_without_request():
     code = """
         import verl
-        import opd_verl.cpu.activate as a
+        import opd_verl.cpu_port.activate as a
         from verl.plugin.platform import PlatformRegistry
         print(a.is_active(), PlatformRegistry.get("cpu"))
     """
-    out = _run(code, {"VERL_USE_EXTERNAL_MODULES": "opd_verl.cpu.activate"}).splitlines()
+    out = _run(code, {"VERL_USE_EXTERNAL_MODULES": "opd_verl.cpu_port.activate"}).splitlines()
     assert out[-1] == "False None"

@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd_verl.cpu.tiny import IM_END, build_tiny_qwen2
+from opd_verl.demo.tiny import IM_END, build_tiny_qwen2
 
 
 def test_tokenizer_and_model_round_trip(tmp_path):

@@ -12,11 +12,11 @@ ROLLOUT_NAME = "hf"
 ROLLOUT_MODE = "async"
 ROLLOUT_REGISTRY_MODULE = "verl.workers.rollout.base"
 ROLLOUT_REGISTRY_ATTR = "_ROLLOUT_REGISTRY"
-ADAPTER_PATH = "opd_verl.cpu.hf_rollout.HFServerAdapter"
+ADAPTER_PATH = "opd_verl.cpu_port.hf_rollout.HFServerAdapter"
 
 
 def _load_replica():
-    from opd_verl.cpu.hf_rollout import HFRolloutReplica
+    from opd_verl.cpu_port.hf_rollout import HFRolloutReplica
 
     return HFRolloutReplica
 
@@ -29,8 +29,8 @@ def rollout_registry() -> dict:
     registry = getattr(module, ROLLOUT_REGISTRY_ATTR, None)
     if not isinstance(registry, dict) or ("vllm", ROLLOUT_MODE) not in registry:
         raise RuntimeError(
-            f"opd_verl.cpu: {ROLLOUT_REGISTRY_MODULE}.{ROLLOUT_REGISTRY_ATTR} is missing or no longer a "
-            "(name, mode) -> class-path dict; veRL changed, update opd_verl/cpu/registry_access.py."
+            f"opd_verl.cpu_port: {ROLLOUT_REGISTRY_MODULE}.{ROLLOUT_REGISTRY_ATTR} is missing or no longer a "
+            "(name, mode) -> class-path dict; veRL changed, update opd_verl/cpu_port/rollout_registration.py."
         )
     return registry
 

@@ -7,20 +7,20 @@ its own environment and in Ray's `runtime_env` before Ray starts.
 
 What `activate()` registers (each step idempotent):
 
-1. the CPU platform in veRL's platform registry (`opd_verl.cpu.platform`);
-2. veRL's FSDP engines for device `cpu`, with a non-pinning FSDP2 offload policy (`opd_verl.cpu.engine`);
+1. the CPU platform in veRL's platform registry (`opd_verl.cpu_port.platform`);
+2. veRL's FSDP engines for device `cpu`, with a non-pinning FSDP2 offload policy (`opd_verl.cpu_port.fsdp_engines`);
 3. the `hf` rollout: replica in `RolloutReplicaRegistry`, worker-side adapter in `_ROLLOUT_REGISTRY`
-   (`opd_verl.cpu.registry_access`);
-4. the gloo backend default of veRL's process-group initialiser (`opd_verl.cpu.gloo_patch`).
+   (`opd_verl.cpu_port.rollout_registration`);
+4. the gloo backend default of veRL's process-group initialiser (`opd_verl.cpu_port.gloo_patch`).
 """
 
 from __future__ import annotations
 
 import os
 
-from opd_verl.cpu.platform import PLATFORM_NAME, requested
+from opd_verl.cpu_port.platform import PLATFORM_NAME, requested
 
-MODULE = "opd_verl.cpu.activate"
+MODULE = "opd_verl.cpu_port.activate"
 
 _active = False
 
@@ -46,10 +46,10 @@ def activate() -> None:
     global _active
     if _active:
         return
-    from opd_verl.cpu.engine import patch_offload_policy, register_engines
-    from opd_verl.cpu.gloo_patch import patch_process_group_backend
-    from opd_verl.cpu.platform import register_platform
-    from opd_verl.cpu.registry_access import register_hf_rollout
+    from opd_verl.cpu_port.fsdp_engines import patch_offload_policy, register_engines
+    from opd_verl.cpu_port.gloo_patch import patch_process_group_backend
+    from opd_verl.cpu_port.platform import register_platform
+    from opd_verl.cpu_port.rollout_registration import register_hf_rollout
 
     register_platform()
     register_engines()

@@ -1,6 +1,6 @@
 import pytest
 
-from opd_verl.cpu.tiny import build_tiny_qwen2
+from opd_verl.demo.tiny import build_tiny_qwen2
 
 
 @pytest.fixture(scope="session")

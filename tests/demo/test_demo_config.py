@@ -7,9 +7,9 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from opd_verl.config import OPDConfigError, load_opd_config
-from opd_verl.cpu.assets import DemoAssets
-from opd_verl.cpu.demo import apply_cpu_demo, cpu_demo_mode, maybe_apply_cpu_demo
-from opd_verl.cpu.ray_setup import CPURuntimeError, check_cpu_runtime, required_logical_gpus
+from opd_verl.cpu_port.ray_setup import CPURuntimeError, check_cpu_runtime, required_logical_gpus
+from opd_verl.demo.assets import DemoAssets
+from opd_verl.demo.preset import apply_cpu_demo, cpu_demo_mode, maybe_apply_cpu_demo
 
 
 @pytest.fixture
@@ -51,10 +51,10 @@ def test_preset_sets_cpu_settings_and_demo_assets(tmp_path, restore_env):
     assert cfg.data.train_batch_size == 16 and a.actor.ppo_mini_batch_size == 16 and cfg.data.max_response_length == 8
     assert cfg.transfer_queue.backend.SimpleStorage.num_data_storage_units == 1
     env = cfg.ray_kwargs.ray_init.runtime_env.env_vars
-    assert env.VERL_PLATFORM == "cpu" and "opd_verl.cpu.activate" in env.VERL_USE_EXTERNAL_MODULES
+    assert env.VERL_PLATFORM == "cpu" and "opd_verl.cpu_port.activate" in env.VERL_USE_EXTERNAL_MODULES
     assert env.VERL_FILE_LOGGER_PATH == str(tmp_path / "run" / "metrics.jsonl")
     assert cfg.ray_kwargs.ray_init.num_gpus == required_logical_gpus(cfg) >= 1
-    assert cfg.reward.custom_reward_function.path.endswith("opd_verl/cpu/task.py")
+    assert cfg.reward.custom_reward_function.path.endswith("opd_verl/demo/task.py")
     check_cpu_runtime(cfg)  # a complete preset passes the guard
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 

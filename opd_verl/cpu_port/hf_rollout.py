@@ -44,7 +44,7 @@ def _model_path(model_config: Any) -> str:
         value = model_config.get(key) if hasattr(model_config, "get") else getattr(model_config, key, None)
         if value:
             return str(value)
-    raise ValueError("opd_verl.cpu.hf_rollout: the rollout model config has neither `local_path` nor `path`")
+    raise ValueError("opd_verl.cpu_port.hf_rollout: the rollout model config has neither `local_path` nor `path`")
 
 
 def _cfg_get(config: Any, key: str, default: Any = None) -> Any:
@@ -251,7 +251,7 @@ class HFRolloutServer:
             budgets[i] = self._max_tokens(len(prompt_ids), params)
             if num_prompt_logprobs is not None:
                 if budgets[i] != 1:
-                    raise ValueError("opd_verl.cpu.hf_rollout: prompt_logprobs requests must ask for max_tokens=1")
+                    raise ValueError("opd_verl.cpu_port.hf_rollout: prompt_logprobs requests must ask for max_tokens=1")
                 results[i] = self._teacher_sync(prompt_ids, int(num_prompt_logprobs))
                 continue
             key = (
@@ -318,7 +318,7 @@ class HFRolloutServer:
     ):
         """veRL's token-in/token-out call; returns a `TokenOutput`."""
         if image_data is not None or video_data is not None or audio_data is not None:
-            raise ValueError("opd_verl.cpu.hf_rollout serves text-only models")
+            raise ValueError("opd_verl.cpu_port.hf_rollout serves text-only models")
         future = asyncio.get_running_loop().create_future()
         self._pending.append(([int(t) for t in prompt_ids], dict(sampling_params), future))
         if self._runner is None or self._runner.done():
@@ -336,7 +336,9 @@ class HFRolloutServer:
                 for name, tensor in state_dict.items():
                     target = params.get(name)
                     if target is None:
-                        raise KeyError(f"opd_verl.cpu.hf_rollout: weight {name!r} does not exist in the rollout model")
+                        raise KeyError(
+                            f"opd_verl.cpu_port.hf_rollout: weight {name!r} does not exist in the rollout model"
+                        )
                     target.copy_(tensor.to(dtype=target.dtype).view_as(target))
                     loaded += 1
             self.weight_version += 1
@@ -454,9 +456,9 @@ class HFServerAdapter(BaseRollout):
 
     async def update_weights(self, weights, wire_format: str = "named_tensors", **kwargs):
         if wire_format != "named_tensors":
-            raise ValueError(f"opd_verl.cpu.hf_rollout: unsupported weight wire format {wire_format!r}")
+            raise ValueError(f"opd_verl.cpu_port.hf_rollout: unsupported weight wire format {wire_format!r}")
         if kwargs.get("peft_config") is not None:
-            raise NotImplementedError("opd_verl.cpu.hf_rollout: LoRA adapters are not supported on CPU")
+            raise NotImplementedError("opd_verl.cpu_port.hf_rollout: LoRA adapters are not supported on CPU")
         state: dict[str, torch.Tensor] = {}
         if hasattr(weights, "__aiter__"):
             async for name, tensor in weights:

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from opd_verl.cpu import task
+from opd_verl.demo import task
 
 
 def _encode(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +48,7 @@ def response_nll(model, ids: torch.Tensor, mask: torch.Tensor, label_smoothing: 
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 6) -> float:
     """Fraction of rows whose greedy answer is exactly right (task reward of the greedy policy)."""
-    from opd_verl.cpu.hf_rollout import sample_tokens
+    from opd_verl.cpu_port.hf_rollout import sample_tokens
 
     correct = 0
     for row in rows:

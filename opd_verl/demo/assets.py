@@ -11,8 +11,8 @@ import fcntl
 import os
 import time
 
-from opd_verl.cpu import task
-from opd_verl.cpu.tiny import build_tiny_qwen2, build_tokenizer
+from opd_verl.demo import task
+from opd_verl.demo.tiny import build_tiny_qwen2, build_tokenizer
 
 ASSET_VERSION = "demo_v3"
 STUDENT_SEED = 1
@@ -86,7 +86,7 @@ def ensure_demo_assets(root: str | None = None, teacher_sft: bool = True, log=pr
         if not _done(assets.student_path):
             build_tiny_qwen2(assets.student_path, HIDDEN_SIZE, NUM_LAYERS, seed=STUDENT_SEED, tokenizer=tokenizer)
             if teacher_sft:
-                from opd_verl.cpu.teacher_sft import train_teacher
+                from opd_verl.demo.teacher_sft import train_teacher
 
                 log(f"opd_verl: briefly training the demo student (once; cached in {assets.student_path})")
                 train_teacher(
@@ -100,7 +100,7 @@ def ensure_demo_assets(root: str | None = None, teacher_sft: bool = True, log=pr
         if not _done(assets.teacher_path):
             build_tiny_qwen2(assets.teacher_path, HIDDEN_SIZE, NUM_LAYERS, seed=TEACHER_INIT_SEED, tokenizer=tokenizer)
             if teacher_sft:
-                from opd_verl.cpu.teacher_sft import train_teacher
+                from opd_verl.demo.teacher_sft import train_teacher
 
                 log(f"opd_verl: training the demo teacher on addition (once; cached in {assets.teacher_path})")
                 train_teacher(assets.teacher_path, assets.train_file, steps=TEACHER_SFT_STEPS, log=log)

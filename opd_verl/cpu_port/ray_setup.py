@@ -13,7 +13,7 @@ import os
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from opd_verl.cpu.activate import activate_in_environment, cpu_environment
+from opd_verl.cpu_port.activate import activate_in_environment, cpu_environment
 
 LOGICAL_CPUS = 16
 STORAGE_UNITS = 1

@@ -4,7 +4,7 @@ veRL routes every device call through `get_platform()`: the device name (passed 
 meshes), the `torch.cuda`-style device module (memory stats, rng state, streams, `empty_cache`, ...), the collective
 backend (`gloo` here) and the Ray resource name. The platform never auto-detects itself (`is_platform_available`
 is False), so registering it changes nothing on a machine where veRL picks a GPU platform; it is used only when
-`VERL_PLATFORM=cpu` is set (see `opd_verl.cpu.activate`).
+`VERL_PLATFORM=cpu` is set (see `opd_verl.cpu_port.activate`).
 """
 
 from __future__ import annotations
