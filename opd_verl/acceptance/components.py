@@ -288,7 +288,7 @@ def _opsd_settings():
 
     from omegaconf import OmegaConf
 
-    from opd_verl.integration.opsd_loss import OPSDSettings
+    from opd_verl.workers.opsd_actor import OPSDSettings
 
     section = OmegaConf.load(str(files("opd_verl.hydra_configs") / "opd_trainer.yaml")).opd.opsd
     return OPSDSettings(
@@ -310,9 +310,9 @@ def opsd_lora_step(student_path: str, device: str) -> str:
     from verl.utils import tensordict_utils as tu
 
     from opd_verl.demo import task
-    from opd_verl.integration.opsd_loss import OPSDActorLoss
     from opd_verl.opsd.loss import OPSDLossParams
     from opd_verl.opsd.teacher import TeacherWeights
+    from opd_verl.workers.opsd_actor import OPSDActorLoss
 
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     base = AutoModelForCausalLM.from_pretrained(

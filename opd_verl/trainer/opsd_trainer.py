@@ -4,7 +4,7 @@
 ``@register_trainer`` under ``opsd_sync``; `OPSDTaskRunner` (chosen by `opd_verl.main` when
 ``opd.signal.name=opsd``) selects it for ``trainer.v1.trainer_mode=sync``. Compared with veRL's step:
 
-1. Setup: the actor role runs `opd_verl.integration.opsd_loss.make_opsd_worker_class()` (veRL's
+1. Setup: the actor role runs `opd_verl.workers.opsd_actor.make_opsd_worker_class()` (veRL's
    ``ActorRolloutRefWorker`` whose update computes the OPSD loss with the privileged teacher forward in the same
    process). The ``opd.opsd`` settings (with veRL's ``data.apply_chat_template_kwargs``) are sent to the workers
    after ``init_model`` and before a checkpoint is loaded, so an EMA teacher exists when its state is restored.
@@ -116,7 +116,7 @@ class OPSDTrainer(OPDTrainer):
     def _init_resource_pool_mgr(self):
         from verl.trainer.ppo.utils import Role
 
-        from opd_verl.integration.opsd_loss import make_opsd_worker_class
+        from opd_verl.workers.opsd_actor import make_opsd_worker_class
 
         super()._init_resource_pool_mgr()
         worker = ray.remote(make_opsd_worker_class())

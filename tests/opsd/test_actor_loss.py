@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from opd_verl.integration.opsd_loss import OPSDActorLoss, OPSDSettings
 from opd_verl.objectives import generalized_jsd
 from opd_verl.opsd.inputs import privileged_prompt_ids
 from opd_verl.opsd.loss import OPSDLossParams
 from opd_verl.opsd.teacher import TeacherWeights
+from opd_verl.workers.opsd_actor import OPSDActorLoss, OPSDSettings
 
 pytest.importorskip("verl")
 from verl.utils import tensordict_utils as tu  # noqa: E402
