@@ -255,7 +255,7 @@ def student_topk_hook(student_path: str, device: str, temperature: float = 0.7) 
     Near-ties may order differently in bfloat16, so the bound is on values: the reference logits at the hook's ids,
     sorted, must equal the reference top-K values within 1e-4 (float32) / 0.05 (bfloat16, logits / temperature).
     """
-    from opd_verl.trainer.opd_trainer import StudentTopKLoss
+    from opd_verl.workers.student_topk import StudentTopKLoss
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     bound = 0.05 if dtype == torch.bfloat16 else 1e-4

@@ -46,12 +46,12 @@ from opd_verl.integration.adapters import stage_params_for
 from opd_verl.trainer import preemption
 from opd_verl.trainer.routing import assign_teachers, routing_values
 from opd_verl.workers.forward_worker import SENTENCE_FIELD, STUDENT_TOPK_FIELD
+from opd_verl.workers.student_topk import StudentTopKLoss
 
 __all__ = [
     "OPD_TRAINER_NAME",
     "OPDTrainer",
     "OPDTaskRunner",
-    "StudentTopKLoss",
     "TEACHER_PREFIX",
     "REF_PREFIX",
     "stage_metrics",
@@ -65,37 +65,6 @@ ROLE_NAME = "opd_forward"
 TEACHER_PREFIX = "opd_teacher"
 REF_PREFIX = "opd_ref"
 STATE_FILE = "opd_state.json"
-
-
-class StudentTopKLoss:
-    """Actor loss function that, as veRL's logits processor, also returns the student's top-K ids per token.
-
-    veRL's FSDP engine calls the worker's loss function with ``student_logits`` `(1, nnz, V)` when the micro-batch
-    flag ``distillation_use_topk`` is set; each returned `(1, nnz)` tensor is stored per token with the batch.
-    Called as the final loss it delegates to ``inner`` (veRL's ``ppo_loss``), except in the old-log-prob pass
-    (flag ``opd_collect_student_topk``), where no loss exists yet and a zero is returned.
-    """
-
-    def __init__(self, inner, k: int):
-        self.inner = inner
-        self.k = int(k)
-
-    def __call__(self, model_output=None, data=None, dp_group=None, student_logits=None):
-        from verl.utils import tensordict_utils as tu
-
-        if student_logits is not None:
-            ids = torch.topk(student_logits, self.k, dim=-1).indices  # (1, nnz, K)
-            return {STUDENT_TOPK_FIELD.format(j): ids[..., j] for j in range(self.k)}
-        if tu.get_non_tensor_data(data=data, key="opd_collect_student_topk", default=False):
-            return torch.zeros((), device=student_logits_device(model_output)), {}
-        return self.inner(model_output=model_output, data=data, dp_group=dp_group)
-
-
-def student_logits_device(model_output) -> torch.device:
-    for value in (model_output or {}).values():
-        if isinstance(value, torch.Tensor):
-            return value.device
-    return torch.device("cpu")
 
 
 def _as_list(value) -> list:

@@ -166,7 +166,7 @@ def test_named_estimators_match_their_stage(name):
 
 
 def test_student_topk_loss_emits_k_id_fields_and_delegates():
-    from opd_verl.trainer.opd_trainer import StudentTopKLoss
+    from opd_verl.workers.student_topk import StudentTopKLoss
 
     calls = []
     loss = StudentTopKLoss(lambda **kw: calls.append(kw) or (torch.tensor(2.0), {"m": 1}), 3)
