@@ -25,6 +25,12 @@ import sys
 import torch
 
 from opd_verl.acceptance.report import CheckFailed
+from opd_verl.demo import task
+from opd_verl.opsd.loss import OPSDLossParams
+from opd_verl.opsd.teacher import TeacherWeights
+from opd_verl.workers.logprobs import backbone_hidden_states, chunked_logprobs, output_projection, response_logprobs
+from opd_verl.workers.opsd_actor import OPSDActorLoss, OPSDSettings
+from opd_verl.workers.student_topk import StudentTopKLoss
 
 __all__ = [
     "attn_for",
@@ -87,8 +93,6 @@ def _reference_logprobs(model, prompts, responses, device) -> list[torch.Tensor]
 
 @torch.no_grad()
 def _packed_logprobs(model, prompts, responses, device) -> list[torch.Tensor]:
-    from opd_verl.workers.logprobs import backbone_hidden_states, chunked_logprobs, output_projection
-
     seqs = [torch.cat([p, r]) for p, r in zip(prompts, responses, strict=True)]
     ids, pos = packed_inputs(seqs, device)
     hidden = backbone_hidden_states(model, ids, None, pos)[0]  # (nnz, H)
@@ -114,8 +118,6 @@ def teacher_logprobs(teacher_path: str, device: str) -> str:
     differently in bfloat16; log-probs of this model are about -5.6).
     """
     from transformers import AutoTokenizer
-
-    from opd_verl.workers.logprobs import response_logprobs
 
     pad_token_id = AutoTokenizer.from_pretrained(teacher_path).pad_token_id
     prompts, responses = mixed_rows()
@@ -215,7 +217,6 @@ def _memory_probe(device: str, length: int, vocab: int, chunk: int) -> dict:
     from transformers import Qwen3ForCausalLM
 
     from opd_verl.acceptance.models import TEACHER, ModelSpec, qwen3_config
-    from opd_verl.workers.logprobs import backbone_hidden_states, response_logprobs
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     spec = ModelSpec(TEACHER.hidden_size, 1, TEACHER.num_heads, TEACHER.num_kv_heads, False, 0)
@@ -255,8 +256,6 @@ def student_topk_hook(student_path: str, device: str, temperature: float = 0.7) 
     Near-ties may order differently in bfloat16, so the bound is on values: the reference logits at the hook's ids,
     sorted, must equal the reference top-K values within 1e-4 (float32) / 0.05 (bfloat16, logits / temperature).
     """
-    from opd_verl.workers.student_topk import StudentTopKLoss
-
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     bound = 0.05 if dtype == torch.bfloat16 else 1e-4
     model = _load(student_path, device, dtype)
@@ -288,8 +287,6 @@ def _opsd_settings():
 
     from omegaconf import OmegaConf
 
-    from opd_verl.workers.opsd_actor import OPSDSettings
-
     section = OmegaConf.load(str(files("opd_verl.hydra_configs") / "opd_trainer.yaml")).opd.opsd
     return OPSDSettings(
         problem_key=section.problem_key,
@@ -308,11 +305,6 @@ def opsd_lora_step(student_path: str, device: str) -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from verl.utils import tensordict_utils as tu
-
-    from opd_verl.demo import task
-    from opd_verl.opsd.loss import OPSDLossParams
-    from opd_verl.opsd.teacher import TeacherWeights
-    from opd_verl.workers.opsd_actor import OPSDActorLoss
 
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     base = AutoModelForCausalLM.from_pretrained(

@@ -126,6 +126,16 @@ def test_dry_run_prints_each_command_with_the_gpu_settings(dry_run):
     assert (placement in commands["exopd_iw_release"]) == runs.has_placement()
 
 
+def test_topk_hook_and_opsd_step_on_the_dry_run_student(dry_run):
+    from opd_verl.acceptance import components
+
+    student = str(dry_run[1] / "assets" / "models" / "student")
+    figure = components.student_topk_hook(student, "cpu")
+    assert "sdpa float32: same id set 100.0%, max value gap 0.0e+00" in figure  # packed rows kept apart
+    figure = components.opsd_lora_step(student, "cpu")
+    assert "teacher adapter off: 1.0" in figure and "0 of 24 base tensors changed" in figure
+
+
 def test_failed_check_is_named_and_exits_1(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
