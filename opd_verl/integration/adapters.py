@@ -42,7 +42,6 @@ __all__ = [
     "ESTIMATOR_NAMES",
     "set_stage_params",
     "get_stage_params",
-    "stage_params_for",
     "advantages_for",
     "make_adv_estimator",
     "make_distillation_loss",
@@ -52,8 +51,7 @@ __all__ = [
 ]
 
 STAGE_PARAMS_ENV = "OPD_VERL_STAGE_PARAMS"
-ESTIMATOR_NAMES = ("opd", "gopd", "exopd", "iw_opd", "prefix_release", "opd_pipeline")
-EXOPD_DEFAULT_LAM = 1.25
+ESTIMATOR_NAMES = ("opd_pipeline",)
 
 _STAGE_PARAMS: StageParams | None = None
 
@@ -83,69 +81,19 @@ def get_stage_params() -> StageParams:
     return StageParams()
 
 
-def stage_params_for(name: str, configured: StageParams | None = None) -> StageParams:
-    """Stage parameters a registered name stands for.
-
-    - ``opd``: signal opd, no weighting, no release.
-    - ``gopd``: signal gopd with the configured ``signal.lam`` (1 unless configured).
-    - ``exopd``: signal gopd with the configured ``signal.lam`` when it is > 1, else 1.25 (paper default).
-    - ``iw_opd``: signal opd, IW weighting with the configured ``weighting.w_max``.
-    - ``prefix_release``: signal opd, the release rule with the configured ``release.*`` (enabled).
-    - ``opd_pipeline``: the configured stages as they are (section 6 composition).
-    The configured ``task_coef`` applies to every name.
-    """
-    p = configured if configured is not None else get_stage_params()
-    if name == "opd_pipeline":
-        return p
-    rel_off = {**vars(p.release), "enabled": False}
-    if name == "opd":
-        return StageParams(signal={"name": "opd"}, release=rel_off, task_coef=p.task_coef)
-    if name == "gopd":
-        return StageParams(signal={"name": "gopd", "lam": p.signal.lam}, release=rel_off, task_coef=p.task_coef)
-    if name == "exopd":
-        lam = p.signal.lam if p.signal.lam > 1.0 else EXOPD_DEFAULT_LAM
-        return StageParams(signal={"name": "gopd", "lam": lam}, release=rel_off, task_coef=p.task_coef)
-    if name == "iw_opd":
-        weighting = {**vars(p.weighting), "name": "iw", "anneal": False}
-        return StageParams(signal={"name": "opd"}, weighting=weighting, release=rel_off, task_coef=p.task_coef)
-    if name == "prefix_release":
-        rel_on = {**vars(p.release), "enabled": True}
-        return StageParams(signal={"name": "opd"}, release=rel_on, task_coef=p.task_coef)
-    raise ValueError(f"name must be one of {list(ESTIMATOR_NAMES)}, got {name!r}")
-
-
 def advantages_for(
-    name: str,
     student_logprobs: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     response_mask: torch.Tensor,
     *,
-    ref_logprobs: torch.Tensor | None = None,
-    sentence_ids: torch.Tensor | None = None,
-    margins: torch.Tensor | None = None,
-    task_advantages: torch.Tensor | None = None,
-    lam: float | torch.Tensor | None = None,
-    step: int | None = None,
-    total_steps: int | None = None,
     params: StageParams | None = None,
+    lam: float | torch.Tensor | None = None,
+    **inputs: Any,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """`(B, T)` advantages and metrics of a registered name (see :func:`stage_params_for`)."""
-    stage = stage_params_for(name, params)
-    if stage.signal.name != "gopd":
-        lam = None
-    return compose_advantages(
-        student_logprobs,
-        teacher_logprobs,
-        response_mask,
-        params=stage,
-        ref_logprobs=ref_logprobs,
-        sentence_ids=sentence_ids,
-        margins=margins,
-        task_advantages=task_advantages,
-        step=step,
-        total_steps=total_steps,
-        lam=lam,
-    )
+    """`(B, T)` advantages and metrics of the configured stages (``params``, else :func:`get_stage_params`)."""
+    stage = params if params is not None else get_stage_params()
+    lam = lam if stage.signal.name == "gopd" else None
+    return compose_advantages(student_logprobs, teacher_logprobs, response_mask, params=stage, lam=lam, **inputs)
 
 
 def make_adv_estimator(name: str):
@@ -175,7 +123,7 @@ def make_adv_estimator(name: str):
                 "does not pass: use the opd_verl trainer (it calls this estimator with them), or call "
                 "opd_verl.objectives directly from your trainer's advantage step"
             )
-        stage = stage_params_for(name, params)
+        stage = params if params is not None else get_stage_params()
         task = None
         if stage.task_coef != 0.0:
             if index is None:
@@ -184,7 +132,6 @@ def make_adv_estimator(name: str):
 
             task, _ = compute_grpo_outcome_advantage(token_level_rewards, response_mask, index)
         adv, adv_metrics = advantages_for(
-            name,
             student_logprobs,
             teacher_logprobs,
             response_mask,
@@ -195,7 +142,7 @@ def make_adv_estimator(name: str):
             lam=lam,
             step=step,
             total_steps=total_steps,
-            params=params,
+            params=stage,
         )
         if metrics is not None:
             metrics.update(adv_metrics)
@@ -204,7 +151,7 @@ def make_adv_estimator(name: str):
     estimator.__name__ = f"compute_{name}_advantage"
     estimator.__qualname__ = estimator.__name__
     estimator.__doc__ = (
-        f"opd_verl advantage estimator {name!r} (see opd_verl.integration.adapters.stage_params_for); needs the "
+        f"opd_verl advantage estimator {name!r} (the configured opd: stages); needs the "
         "extra keyword tensors student_logprobs/teacher_logprobs[/ref_logprobs/sentence_ids/margins] `(B, T)`."
     )
     return estimator
@@ -242,7 +189,6 @@ def make_distillation_loss(name: str):
         margins = _padded(data["opd_margins"]) if "opd_margins" in keys else None
         lam = data["opd_lam"].reshape(-1).float() if "opd_lam" in keys else None
         adv, metrics = advantages_for(
-            name,
             student,
             teacher,
             mask,

@@ -2,10 +2,11 @@
 
 ``register()`` adds:
 
-- ``ADV_ESTIMATOR_REGISTRY`` (``algorithm.adv_estimator``): ``opd``, ``gopd``, ``exopd``, ``iw_opd``,
-  ``prefix_release``, ``opd_pipeline``. Each needs the teacher/student (and reference) log-probs passed as extra
-  keyword tensors by the trainer that calls it; see :mod:`opd_verl.integration.adapters`.
-- ``DISTILLATION_LOSS_REGISTRY`` (``distillation.distillation_loss.loss_mode``): the same six names in
+- ``ADV_ESTIMATOR_REGISTRY`` (``algorithm.adv_estimator``): ``opd_pipeline``, the configured ``opd:`` stages, for
+  a veRL fork's own advantage step. It needs the teacher/student (and reference) log-probs passed as extra keyword
+  tensors by the trainer that calls it; see :mod:`opd_verl.integration.adapters`. (The plugin's own trainer calls
+  ``compose_advantages`` directly.)
+- ``DISTILLATION_LOSS_REGISTRY`` (``distillation.distillation_loss.loss_mode``): ``opd_pipeline`` in
   estimator mode (per-token losses ``-A`` from the micro-batch's ``old_log_probs``, ``teacher_logprobs``,
   ``ref_log_prob``), and ``opsd_gjsd`` in top-k mode (per-token top-k generalized JSD from the loss function
   built by :func:`opd_verl.integration.adapters.make_opsd_gjsd_loss_fn`).

@@ -195,7 +195,8 @@ def compose_advantages(
             its absolute value, the signal, the weights (also their min and max) and the final advantages;
             ``opd/discrepancy_decile/{k}`` the mean discrepancy per position decile; with release, per row with a
             valid token: acceptance rate, mean kept fraction, mean sentence count, the share of rows where the BIC
-            gain is defined and its mean over them.
+            gain is defined and its mean over them; ``opd/stage/{signal,weighting,final}/adv_{mean,std}`` after the
+            signal, after the weighting and at the end.
     """
     if not isinstance(params, StageParams):
         raise ValueError(f"params must be a StageParams, got {type(params).__name__}")
@@ -226,6 +227,11 @@ def compose_advantages(
     def mean(values: torch.Tensor) -> float:
         return float(values.sum()) / max(n_valid, 1.0)
 
+    def stage(name: str, values: torch.Tensor) -> None:  # mean and std over the valid tokens after a stage
+        average = mean(values)
+        metrics[f"opd/stage/{name}/adv_mean"] = average
+        metrics[f"opd/stage/{name}/adv_std"] = mean((values - average).mul_(mask).square_()) ** 0.5
+
     # each stage's metrics are taken as it is computed; the stages after it then work in place
     with torch.no_grad():
         teacher = masked("teacher_logprobs", teacher_logprobs, mask)
@@ -239,6 +245,7 @@ def compose_advantages(
 
         signal = disc if sp.name != "gopd" else gopd_signal(disc, teacher, mask, use_lam, ref_logprobs)
         metrics["opd/signal"] = mean(signal)
+        stage("signal", signal)
 
         weights = None  # weighting "none": 1 on every valid token
         if wp.name == "iw":
@@ -251,6 +258,7 @@ def compose_advantages(
             weights = position_mask_weights(mask, wp.name, fraction, wp.weight)
         metrics.update(_weight_metrics(weights, mask, n_valid))
         advantages = signal if weights is None else weights.mul_(signal)
+        stage("weighting", advantages)
 
         if rp.enabled:
             rule = (rp.min_segment, float(rp.penalty), float(rp.min_gain))
@@ -260,6 +268,7 @@ def compose_advantages(
         if params.task_coef != 0.0:
             advantages.add_(masked("task_advantages", task_advantages, mask), alpha=params.task_coef)
         metrics["opd/advantage"] = mean(advantages)
+        stage("final", advantages)
     return advantages, metrics
 
 

@@ -16,8 +16,9 @@ What it adds to veRL's step (`_step_once`):
    veRL's ``distillation_use_topk`` logits-processor path (no second student forward).
 3. Advantage step (`_compute_advantage`): samples are routed to teachers by ``opd.teachers.routing_key``; each
    teacher (and its reference) scores its samples where the data lives (TransferQueue); then veRL's reward and
-   rollout-correction handling runs as in veRL, and the registered ``algorithm.adv_estimator`` receives the
-   student/teacher/reference log-probs, release margins and sentence ids, per-sample lam and the step.
+   rollout-correction handling runs as in veRL, and `compose_advantages` (the ``opd:`` stages) turns the
+   student/teacher/reference log-probs, release margins and sentence ids, per-sample lam and the step into the
+   advantages.
 4. Metrics through veRL's tracking (``opd/...``), plugin state saved beside veRL's checkpoint, and the
    preemption flag checked at every step boundary (`opd_verl.trainer.preemption`).
 
@@ -42,7 +43,6 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from opd_verl.config import OPDConfig, OPDConfigError, load_opd_config
-from opd_verl.integration.adapters import stage_params_for
 from opd_verl.trainer import preemption
 from opd_verl.trainer.routing import assign_teachers, routing_values
 from opd_verl.workers.forward_worker import SENTENCE_FIELD, STUDENT_TOPK_FIELD
@@ -54,7 +54,6 @@ __all__ = [
     "OPDTaskRunner",
     "TEACHER_PREFIX",
     "REF_PREFIX",
-    "stage_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,44 +78,6 @@ def _padded(value: torch.Tensor | None, fill: float = 0.0) -> torch.Tensor | Non
     if value is None:
         return None
     return value.to_padded_tensor(fill) if getattr(value, "is_nested", False) else value
-
-
-def _stat(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    v = values[mask]
-    if v.numel() == 0:
-        return 0.0, 0.0
-    return float(v.mean()), float(v.std(unbiased=False))
-
-
-def stage_metrics(params, tensors: dict, step: int | None, total_steps: int | None) -> dict[str, float]:
-    """Advantage mean/std after the signal stage and after the weighting stage (release and task reward off).
-
-    Args:
-        params: the effective `StageParams` of the run's estimator.
-        tensors: ``response_mask``, ``student``, ``teacher``, ``ref``, ``lam`` as handed to the estimator.
-    """
-    from opd_verl.objectives import StageParams, compose_advantages
-
-    mask = tensors["response_mask"].bool()
-    off = {**vars(params.release), "enabled": False}
-    stages = {
-        "signal": StageParams(signal=vars(params.signal), weighting={"name": "none"}, release=off),
-        "weighting": StageParams(signal=vars(params.signal), weighting=vars(params.weighting), release=off),
-    }
-    out: dict[str, float] = {}
-    for name, stage in stages.items():
-        adv, _ = compose_advantages(
-            tensors["student"],
-            tensors["teacher"],
-            tensors["response_mask"],
-            params=stage,
-            ref_logprobs=tensors["ref"],
-            lam=tensors["lam"] if stage.signal.name == "gopd" else None,
-            step=step,
-            total_steps=total_steps,
-        )
-        out[f"opd/stage/{name}/adv_mean"], out[f"opd/stage/{name}/adv_std"] = _stat(adv, mask)
-    return out
 
 
 class OPDTaskRunnerBase(TaskRunnerV1.__ray_actor_class__):
@@ -411,7 +372,7 @@ class OPDTrainer(PPOTrainerSync):
             data, is_metrics = compute_rollout_correction_and_add_to_batch(data, rc_config)
             metrics.update(is_metrics)
 
-        advantages, returns = self._handover(data, owners, base_ref, metrics)
+        advantages, returns = self._opd_advantages(data, owners, base_ref, metrics)
         data.batch["advantages"] = advantages
         data.batch["returns"] = returns
         self.opd_state["advantage_step"] = int(self.global_steps)
@@ -427,8 +388,11 @@ class OPDTrainer(PPOTrainerSync):
         output = TensorDict(output, batch_size=len(batch))
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
 
-    def _handover(self, data, owners: list[int], base_ref, metrics: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hand the padded batch to ``algorithm.adv_estimator``: `(B, T)` advantages and returns; metrics added.
+    def _opd_advantages(self, data, owners: list[int], base_ref, metrics: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B, T)` advantages (also the returns) from one :func:`~opd_verl.objectives.compose_advantages` call;
+        its metrics are added to ``metrics``.
+
+        Each teacher's ``lam`` reaches the signal as the per-row ``lam`` of the samples it scored.
 
         Args:
             data: veRL `DataProto` with padded ``response_mask``, ``token_level_rewards``, ``old_log_probs``,
@@ -437,47 +401,45 @@ class OPDTrainer(PPOTrainerSync):
             owners: teacher index per sample.
             base_ref: ``(sample indices, TensorDict with opd_ref_log_probs)`` for reward-correction samples, or None.
         """
-        from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+        from opd_verl.objectives import compose_advantages
 
-        tensors = self._estimator_tensors(data, owners, base_ref)
-        estimator = get_adv_estimator_fn(self.config.algorithm.adv_estimator)
+        inputs = self._objective_inputs(data, owners, base_ref)
         params = self._stage_params()
-        adv_metrics: dict[str, float] = {}
-        advantages, returns = estimator(
-            token_level_rewards=data.batch["token_level_rewards"],
-            response_mask=tensors["response_mask"],
-            config=self.config.algorithm,
-            index=data.non_tensor_batch["uid"],
-            student_logprobs=tensors["student"],
-            teacher_logprobs=tensors["teacher"],
-            ref_logprobs=tensors["ref"],
-            sentence_ids=tensors["sentence_ids"],
-            margins=tensors["margins"],
-            lam=tensors["lam"],
+        task = None
+        if params.task_coef != 0.0:
+            from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+            task, _ = compute_grpo_outcome_advantage(
+                data.batch["token_level_rewards"], inputs["response_mask"], data.non_tensor_batch["uid"]
+            )
+        advantages, adv_metrics = compose_advantages(
+            inputs["student"],
+            inputs["teacher"],
+            inputs["response_mask"],
+            params=params,
+            ref_logprobs=inputs["ref"],
+            sentence_ids=inputs["sentence_ids"],
+            margins=inputs["margins"],
+            task_advantages=task,
+            lam=inputs["lam"],
             step=self.global_steps,
             total_steps=self.total_training_steps,
-            params=params,
-            metrics=adv_metrics,
         )
         metrics.update(adv_metrics)
-        mask = tensors["response_mask"].bool()
-        metrics["opd/stage/final/adv_mean"], metrics["opd/stage/final/adv_std"] = _stat(advantages, mask)
-        effective = stage_params_for(self.config.algorithm.adv_estimator, params)
-        metrics.update(stage_metrics(effective, tensors, self.global_steps, self.total_training_steps))
-        return advantages, returns
+        return advantages, advantages
 
     def _stage_params(self):
         from opd_verl.objectives import StageParams
 
         return StageParams.from_config(OmegaConf.to_container(self.config.opd, resolve=True))
 
-    def _estimator_tensors(self, data, owners: list[int], base_ref) -> dict[str, torch.Tensor | None]:
-        """`(B, T)` tensors for the estimator from the padded batch; lam per sample `(B,)`."""
+    def _objective_inputs(self, data, owners: list[int], base_ref) -> dict[str, torch.Tensor | None]:
+        """`(B, T)` inputs of the objectives from the padded batch; lam per sample `(B,)`."""
         b = data.batch
         response_mask = b["response_mask"].float()
         t = response_mask.shape[1]
 
-        def fit(x: torch.Tensor | None) -> torch.Tensor | None:
+        def to_response_length(x: torch.Tensor | None) -> torch.Tensor | None:
             if x is None:
                 return None
             x = _padded(x)
@@ -485,22 +447,23 @@ class OPDTrainer(PPOTrainerSync):
                 x = torch.nn.functional.pad(x, (0, t - x.shape[1]))
             return x[:, :t]
 
-        student = fit(b["old_log_probs"]).float()
-        teacher = fit(b[f"{TEACHER_PREFIX}_log_probs"]).float()
+        student = to_response_length(b["old_log_probs"]).float()
+        teacher = to_response_length(b[f"{TEACHER_PREFIX}_log_probs"]).float()
         lams = torch.tensor([self.opd.teachers.models[o].lam for o in owners], dtype=torch.float32)
         ref = None
         if self.opd.signal.name == "gopd":
             # rows with lam == 1 ignore the reference; give them the teacher's values so nothing undefined remains
-            ref = fit(b["ref_log_prob"]).float().clone() if "ref_log_prob" in b.keys() else teacher.clone()
+            has_ref = "ref_log_prob" in b.keys()
+            ref = to_response_length(b["ref_log_prob"]).float().clone() if has_ref else teacher.clone()
             if base_ref is not None:
                 idx, got = base_ref
-                rows = fit(_padded(got[f"{REF_PREFIX}_log_probs"]))
+                rows = to_response_length(_padded(got[f"{REF_PREFIX}_log_probs"]))
                 for j, n in enumerate(idx):
-                    ref[n] = rows[j] if rows.shape[1] == t else fit(rows[j : j + 1])[0]
+                    ref[n] = rows[j] if rows.shape[1] == t else to_response_length(rows[j : j + 1])[0]
         sentence_ids = margins = None
         if self.opd.release.enabled:
-            sentence_ids = fit(b[SENTENCE_FIELD]).long()
-            margins = fit(b[f"{TEACHER_PREFIX}_margins"]).float()
+            sentence_ids = to_response_length(b[SENTENCE_FIELD]).long()
+            margins = to_response_length(b[f"{TEACHER_PREFIX}_margins"]).float()
         return {
             "response_mask": response_mask,
             "student": student,
@@ -551,4 +514,4 @@ class OPDTrainer(PPOTrainerSync):
                 preemption.preemption_reason(),
                 self.global_steps,
             )
-            self.total_training_steps = self.global_steps  # fit() leaves its loop after this step
+            self.total_training_steps = self.global_steps  # veRL's fit() leaves its loop after this step

@@ -45,13 +45,13 @@ def test_without_the_entry_point_nothing_is_registered():
 def test_failed_registration_is_reported_on_stderr():
     code = """
 from verl.trainer.ppo import core_algos
-core_algos.ADV_ESTIMATOR_REGISTRY["exopd"] = lambda **kwargs: None  # a foreign estimator under our name
+core_algos.ADV_ESTIMATOR_REGISTRY["opd_pipeline"] = lambda **kwargs: None  # a foreign estimator under our name
 import opd_verl.integration.plugin
 """
     out = _run(code, VERL_USE_EXTERNAL_PLUGINS="none")
     assert out.returncode != 0
     assert "opd_verl: registering the plugin in veRL failed" in out.stderr
-    assert "exopd" in out.stderr
+    assert "opd_pipeline" in out.stderr
 
 
 def test_entry_point_lets_verl_build_models_beside_trl():

@@ -49,8 +49,8 @@ def _batch(seed=0, b=3, r=10):
 
 
 def test_names_present_and_idempotent():
-    assert REGISTERED_NAMES["adv_estimator"] == ["opd", "gopd", "exopd", "iw_opd", "prefix_release", "opd_pipeline"]
-    assert "opsd_gjsd" in REGISTERED_NAMES["distillation_loss"]
+    assert REGISTERED_NAMES["adv_estimator"] == ["opd_pipeline"]
+    assert REGISTERED_NAMES["distillation_loss"] == ["opd_pipeline", "opsd_gjsd"]
     first = register()
     second = register()
     assert first == second == REGISTERED_NAMES
@@ -63,14 +63,14 @@ def test_names_present_and_idempotent():
 
 
 def test_foreign_binding_raises():
-    saved = core_algos.ADV_ESTIMATOR_REGISTRY.pop("exopd")
+    saved = core_algos.ADV_ESTIMATOR_REGISTRY.pop("opd_pipeline")
     try:
-        core_algos.ADV_ESTIMATOR_REGISTRY["exopd"] = lambda **kw: None
+        core_algos.ADV_ESTIMATOR_REGISTRY["opd_pipeline"] = lambda **kw: None
         assert not is_registered()
-        with pytest.raises(RuntimeError, match="exopd"):
+        with pytest.raises(RuntimeError, match="opd_pipeline"):
             register()
     finally:
-        core_algos.ADV_ESTIMATOR_REGISTRY["exopd"] = saved
+        core_algos.ADV_ESTIMATOR_REGISTRY["opd_pipeline"] = saved
     assert is_registered()
 
 
@@ -84,20 +84,28 @@ def test_stock_compute_advantage_refuses_clearly():
         non_tensors={"uid": np.array(["a", "a", "b"], dtype=object)},
     )
     with pytest.raises(ValueError, match="teacher_logprobs"):
-        compute_advantage(data, adv_estimator="gopd", config=SimpleNamespace(get=lambda k, d=None: d))
+        compute_advantage(data, adv_estimator="opd_pipeline", config=SimpleNamespace(get=lambda k, d=None: d))
 
 
-@pytest.mark.parametrize("name", ["opd", "gopd", "exopd", "iw_opd", "prefix_release", "opd_pipeline"])
-def test_adv_estimators_equal_pure_functions(name):
+RELEASE = {"enabled": True, "min_segment": 2, "penalty": 0.5}
+STAGES = {
+    "opd": {},
+    "gopd": {"signal": {"name": "gopd", "lam": 1.5}},
+    "iw_opd": {"weighting": {"name": "iw", "w_max": 1.8}},
+    "prefix_release": {"release": RELEASE},
+    "exopd_iw_release": {
+        "signal": {"name": "gopd", "lam": 1.5},
+        "weighting": {"name": "iw", "w_max": 1.8},
+        "release": RELEASE,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_adv_estimator_equals_pure_functions(name):
     s, t, ref, mask, sids, margins = _batch(1)
-    adapters.set_stage_params(
-        StageParams(
-            signal={"name": "gopd", "lam": 1.5},
-            weighting={"name": "iw", "w_max": 1.8},
-            release={"enabled": True, "min_segment": 2, "penalty": 0.5},
-        )
-    )
-    fn = core_algos.get_adv_estimator_fn(name)
+    adapters.set_stage_params(StageParams(**STAGES[name]))
+    fn = core_algos.get_adv_estimator_fn("opd_pipeline")
     metrics = {}
     adv, ret = fn(
         token_level_rewards=torch.zeros_like(s),
@@ -114,10 +122,9 @@ def test_adv_estimators_equal_pure_functions(name):
     expected = {
         "opd": lambda: opd_advantages(s, t, mask),
         "gopd": lambda: gopd_advantages(s, t, mask, 1.5, ref),
-        "exopd": lambda: gopd_advantages(s, t, mask, 1.5, ref),
         "iw_opd": lambda: iw_opd_advantages(opd_advantages(s, t, mask), mask, 1.8),
         "prefix_release": lambda: apply_release(opd_advantages(s, t, mask), mask, sids, margins, 2, 0.5)[0],
-        "opd_pipeline": lambda: apply_release(
+        "exopd_iw_release": lambda: apply_release(
             iw_opd_advantages(gopd_advantages(s, t, mask, 1.5, ref), mask, 1.8, opd_advantages(s, t, mask)),
             mask,
             sids,
@@ -131,11 +138,9 @@ def test_adv_estimators_equal_pure_functions(name):
     assert "opd/discrepancy" in metrics
 
 
-def test_exopd_default_lam_and_env_params(monkeypatch):
+def test_env_params(monkeypatch):
     s, t, ref, mask, *_ = _batch(2)
-    fn = core_algos.get_adv_estimator_fn("exopd")
-    adv, _ = fn(torch.zeros_like(s), mask, student_logprobs=s, teacher_logprobs=t, ref_logprobs=ref)
-    torch.testing.assert_close(adv, gopd_advantages(s, t, mask, 1.25, ref))
+    fn = core_algos.get_adv_estimator_fn("opd_pipeline")
     monkeypatch.setenv(adapters.STAGE_PARAMS_ENV, json.dumps({"signal": {"name": "gopd", "lam": 2.0}}))
     adv, _ = fn(torch.zeros_like(s), mask, student_logprobs=s, teacher_logprobs=t, ref_logprobs=ref)
     torch.testing.assert_close(adv, gopd_advantages(s, t, mask, 2.0, ref))
@@ -147,7 +152,8 @@ def test_task_coef_adds_verl_grpo_advantage():
     rewards = torch.zeros_like(s)
     rewards[0, 5], rewards[1, 3], rewards[2, 2] = 1.0, 0.0, 1.0
     index = np.array(["a", "a", "b"], dtype=object)
-    adv, _ = core_algos.get_adv_estimator_fn("opd")(rewards, mask, index=index, student_logprobs=s, teacher_logprobs=t)
+    fn = core_algos.get_adv_estimator_fn("opd_pipeline")
+    adv, _ = fn(rewards, mask, index=index, student_logprobs=s, teacher_logprobs=t)
     grpo, _ = core_algos.compute_grpo_outcome_advantage(rewards, mask, index)
     torch.testing.assert_close(adv, opd_advantages(s, t, mask) + 0.5 * grpo * mask)
 
@@ -187,12 +193,22 @@ def _packed_batch(s, t, ref, mask, prompt_lens):
     return data, torch.cat(flat_student)
 
 
-@pytest.mark.parametrize("name", ["opd", "gopd", "iw_opd", "opd_pipeline"])
-def test_distillation_loss_path_equals_pure_pg_loss(name):
+DISTILL_STAGES = {
+    "opd": {},
+    "gopd": {"signal": {"name": "gopd", "lam": 1.25}},
+    "iw_opd": {"weighting": {"name": "iw"}},
+    "gopd_iw": {"signal": {"name": "gopd", "lam": 1.25}, "weighting": {"name": "iw"}},
+}
+
+
+@pytest.mark.parametrize("stages", list(DISTILL_STAGES))
+def test_distillation_loss_path_equals_pure_pg_loss(stages):
     from verl.workers.config import ActorConfig, DistillationLossConfig
 
+    name = "opd_pipeline"
     s, t, ref, mask, sids, margins = _batch(4)
-    adapters.set_stage_params(StageParams(signal={"name": "gopd", "lam": 1.25}, weighting={"name": "iw"}))
+    stage = StageParams(**DISTILL_STAGES[stages])
+    adapters.set_stage_params(stage)
     data, student_flat = _packed_batch(s, t, ref, mask, [3, 5, 2])
     n_tokens = int(mask.sum())
     data["dp_size"] = 1
@@ -206,7 +222,6 @@ def test_distillation_loss_path_equals_pure_pg_loss(name):
     )
     loss.backward()
 
-    stage = adapters.stage_params_for(name)
     lam = stage.signal.lam
     pure = gopd_advantages(s, t, mask, lam, ref)
     if stage.weighting.name == "iw":
@@ -239,7 +254,8 @@ def test_distillation_release_reads_stored_fields():
     data, _ = _packed_batch(s, t, ref, mask, [2, 2, 2])
     data["opd_sentence_ids"] = sids
     data["opd_margins"] = margins
-    fn = distill.get_distillation_loss_fn("prefix_release")
+    adapters.set_stage_params(StageParams(release={"enabled": True}))
+    fn = distill.get_distillation_loss_fn("opd_pipeline")
     losses, _ = fn(None, None, {}, data)
     expected, _ = apply_release(opd_advantages(s, t, mask), mask, sids, margins)
     torch.testing.assert_close(losses, -expected)

@@ -288,3 +288,21 @@ def test_huge_finite_values_are_kept():
     m = torch.tensor([[1, 1, 0]])
     out, _ = compose_advantages(s, torch.zeros(1, 3), m, params=StageParams())
     assert out.tolist() == torch.tensor([[-1e25, 3e30, 0.0]]).tolist()
+
+
+def test_stage_metrics_are_each_stage_mean_and_std():
+    s, te, r, m, sids, margins = _ragged_batch(8)
+    task = torch.randn(s.shape)
+    params = StageParams(
+        signal={"name": "gopd", "lam": 1.5}, weighting={"name": "iw"}, release={"enabled": True}, task_coef=0.5
+    )
+    out, metrics = compose_advantages(
+        s, te, m, params=params, ref_logprobs=r, sentence_ids=sids, margins=margins, task_advantages=task
+    )
+    valid = m.bool()
+    signal = gopd_advantages(s, te, m, 1.5, r)
+    weighted = signal * iw_opd_weights(gopd_advantages(s, te, m), m)
+    for name, values in (("signal", signal), ("weighting", weighted), ("final", out)):
+        v = values[valid].double()
+        assert metrics[f"opd/stage/{name}/adv_mean"] == pytest.approx(float(v.mean()), rel=1e-5, abs=1e-6)
+        assert metrics[f"opd/stage/{name}/adv_std"] == pytest.approx(float(v.std(unbiased=False)), rel=1e-4)

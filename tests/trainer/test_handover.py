@@ -85,7 +85,7 @@ def test_exopd_iw_release_handover_equals_pure_functions():
     data, mask, s, t, ref, margins, sids = _batch()
     owners = [0, 1, 0, 0, 1, 1]
     metrics = {}
-    adv, _ = tr._handover(data, owners, None, metrics)
+    adv, _ = tr._opd_advantages(data, owners, None, metrics)
 
     lam = torch.tensor([1.25 if o == 0 else 1.0 for o in owners])
     signal = gopd_advantages(s, t, mask, lam, ref)
@@ -138,7 +138,7 @@ def test_reward_correction_rows_use_their_base_model():
         },
         batch_size=[len(base_rows)],
     )
-    adv, _ = tr._handover(data, owners, (base_rows, base_td), {})
+    adv, _ = tr._opd_advantages(data, owners, (base_rows, base_td), {})
     expected_ref = ref.clone()
     expected_ref[base_rows] = base
     lam = torch.tensor([1.5 if o == 0 else 1.25 for o in owners])
@@ -146,15 +146,16 @@ def test_reward_correction_rows_use_their_base_model():
 
 
 @pytest.mark.parametrize("name", ["opd", "iw_opd", "prefix_release"])
-def test_named_estimators_match_their_stage(name):
+def test_each_stage_alone_matches_its_function(name):
     from opd_verl.objectives import apply_release, discrepancy, iw_opd_weights, opd_advantages
 
-    cfg = _cfg(
-        name, {"release": {"enabled": name == "prefix_release"}, "teachers": {"models": {"default": {"path": "/t"}}}}
-    )
+    overrides = {"release": {"enabled": name == "prefix_release"}, "teachers": {"models": {"default": {"path": "/t"}}}}
+    if name == "iw_opd":
+        overrides["weighting"] = {"name": "iw"}
+    cfg = _cfg("opd_pipeline", overrides)
     tr = _trainer(cfg)
     data, mask, s, t, _, margins, sids = _batch(seed=2)
-    adv, _ = tr._handover(data, [0] * B, None, {})
+    adv, _ = tr._opd_advantages(data, [0] * B, None, {})
     signal = opd_advantages(s, t, mask)
     if name == "opd":
         expected = signal
