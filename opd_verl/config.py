@@ -95,6 +95,7 @@ class OPSDConfig:
     missing_solution: str = "error"
     student_template: str = ""
     teacher_template: str = ""
+    teacher_chat_template_kwargs: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,13 @@ def _parse_opsd(raw: dict) -> OPSDConfig:
     for placeholder in ("{problem}", "{solution}"):
         if placeholder not in raw["teacher_template"]:
             _fail(f"{p}teacher_template", raw["teacher_template"], f"it must contain the placeholder {placeholder}")
+    teacher_kwargs = raw.get("teacher_chat_template_kwargs")
+    if teacher_kwargs is not None and not isinstance(teacher_kwargs, dict):
+        _fail(
+            f"{p}teacher_chat_template_kwargs",
+            teacher_kwargs,
+            "it must be a mapping (e.g. {enable_thinking: true}) or null",
+        )
     return OPSDConfig(
         loss=_choice(raw, "loss", p, OPSD_LOSSES),
         teacher=_choice(raw, "teacher", p, OPSD_TEACHERS),
@@ -271,6 +279,7 @@ def _parse_opsd(raw: dict) -> OPSDConfig:
         missing_solution=_choice(raw, "missing_solution", p, MISSING_SOLUTION),
         student_template=raw["student_template"],
         teacher_template=raw["teacher_template"],
+        teacher_chat_template_kwargs=None if teacher_kwargs is None else dict(teacher_kwargs),
     )
 
 

@@ -56,10 +56,15 @@ def opsd_in_actor_advantage(token_level_rewards: torch.Tensor, response_mask: to
 
 
 def opsd_worker_settings(config: DictConfig) -> dict[str, Any]:
-    """The ``opd.opsd`` section as a plain dict plus ``chat_template_kwargs`` (veRL's data setting)."""
+    """The ``opd.opsd`` section as a plain dict plus ``chat_template_kwargs`` for the teacher's prompt:
+    ``opd.opsd.teacher_chat_template_kwargs``, or when that is null the student's (veRL's
+    ``data.apply_chat_template_kwargs``)."""
     settings = OmegaConf.to_container(config.opd.opsd, resolve=True)
-    kwargs = OmegaConf.select(config, "data.apply_chat_template_kwargs", default=None)
-    settings["chat_template_kwargs"] = OmegaConf.to_container(kwargs, resolve=True) if kwargs else {}
+    kwargs = settings.pop("teacher_chat_template_kwargs", None)
+    if kwargs is None:
+        kwargs = OmegaConf.select(config, "data.apply_chat_template_kwargs", default=None)
+        kwargs = OmegaConf.to_container(kwargs, resolve=True) if kwargs else {}
+    settings["chat_template_kwargs"] = kwargs
     return settings
 
 

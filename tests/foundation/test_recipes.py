@@ -99,3 +99,45 @@ def test_unknown_recipe_lists_the_available_ones(tmp_path):
     assert "no_such_recipe" in out.stderr
     for recipe in EXPECTED:
         assert f"\t{recipe}\n" in out.stderr
+
+
+QWEN3_STYLE_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def test_opsd_recipe_follows_the_authors_sampling_and_per_side_thinking(compose_cfg):
+    """Authors (siyan-zhao/OPSD, scripts/run_opsd.sh, data_collator.py): sampling at the distillation temperature
+    1.1 with top_p 0.95 / top_k 20; the teacher's prompt in thinking mode, the student's not."""
+    import copy
+
+    from opd_verl.demo.tiny import build_tokenizer
+    from opd_verl.opsd.inputs import privileged_prompt_ids
+    from opd_verl.trainer.opsd_trainer import opsd_worker_settings
+
+    cfg = compose_cfg("+recipe=opsd")
+    rollout = cfg.actor_rollout_ref.rollout
+    assert (rollout.temperature, rollout.top_p, rollout.top_k) == (1.1, 0.95, 20)
+    assert rollout.temperature == load_opd_config(cfg).opsd.temperature
+    student_kwargs = OmegaConf.to_container(cfg.data.apply_chat_template_kwargs)
+    teacher_kwargs = opsd_worker_settings(cfg)["chat_template_kwargs"]  # what the actor workers build prompts with
+    assert student_kwargs == {"enable_thinking": False} and teacher_kwargs == {"enable_thinking": True}
+
+    tokenizer = copy.deepcopy(build_tokenizer())
+    tokenizer.chat_template = QWEN3_STYLE_TEMPLATE
+    teacher = tokenizer.decode(privileged_prompt_ids(tokenizer, "{problem} {solution}", "1+1", "2", teacher_kwargs))
+    student = tokenizer.decode(privileged_prompt_ids(tokenizer, "{problem}", "1+1", None, student_kwargs))
+    assert "</think>" not in teacher and student.endswith("<think>\n\n</think>\n\n")
+
+    # Without teacher_chat_template_kwargs the teacher uses the student's setting.
+    cfg = compose_cfg("+recipe=opsd", "opd.opsd.teacher_chat_template_kwargs=null")
+    assert opsd_worker_settings(cfg)["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def test_teacher_chat_template_kwargs_must_be_a_mapping(compose_cfg):
+    from opd_verl.config import OPDConfigError
+
+    with pytest.raises(OPDConfigError, match="opd.opsd.teacher_chat_template_kwargs"):
+        load_opd_config(compose_cfg("+recipe=opsd", "opd.opsd.teacher_chat_template_kwargs=yes"))
