@@ -40,6 +40,24 @@ __all__ = ["OPSDActorLoss", "OPSDSettings", "opsd_settings_from_env", "make_opsd
 _ROW_FIELDS = ("extra_info", "reward_model", "data_source")
 
 
+def loss_metric(loss: torch.Tensor, data, actor_config):
+    """The micro-batch loss as a veRL ``Metric`` aggregated over micro-batches as veRL's ``ppo_loss`` does.
+
+    A loss normalised by the global mini-batch (``dp_size > 1``, ``batch_num_tokens``, ``global_batch_size`` or
+    ``loss_scale_factor`` set) is each micro-batch's share of the mini-batch loss: summed. Otherwise each
+    micro-batch's loss is a mean of its own: averaged.
+    """
+    from verl.utils.metric import AggregationType, Metric
+
+    global_norm = (
+        data["dp_size"] > 1
+        or data["batch_num_tokens"] is not None
+        or data["global_batch_size"] is not None
+        or actor_config.loss_scale_factor is not None
+    )
+    return Metric(value=loss.detach(), aggregation=AggregationType.SUM if global_norm else AggregationType.MEAN)
+
+
 class OPSDSettings(dict):
     """The ``opd.opsd`` section as a plain dict, plus ``chat_template_kwargs`` (veRL's data setting)."""
 
@@ -222,7 +240,6 @@ class OPSDActorLoss:
             )
             loss, metrics = ppo_loss(self.actor_config, model_output, data, dp_group)
             m = opsd_metrics(None, None, t_lp[ctx], old[ctx], ctx[ctx], n_ctx, n_samples)
-            m["opsd/loss"] = float(loss.detach())
         else:
             div = no_padding_2_padding(model_output["opsd_divergence"], data)
             clipped = no_padding_2_padding(model_output["opsd_clipped"], data).bool()
@@ -234,9 +251,9 @@ class OPSDActorLoss:
             loss = agg_loss(loss_mat=div, loss_mask=ctx, loss_agg_mode=cfg.loss_agg_mode, **cfg.global_batch_info)
             student = s_lp[ctx] if s_lp is not None else t_lp[ctx]
             m = opsd_metrics(div[ctx], clipped[ctx], t_lp[ctx], student, ctx[ctx], n_ctx, n_samples)
-            m["opsd/loss"] = float(loss.detach())
         if not torch.isfinite(loss.detach()).all():
             raise FloatingPointError("OPSD loss is not finite")
+        m["opsd/loss"] = loss_metric(loss, data, self.actor_config)
         # 1.0 when the teacher is the base model with the LoRA adapter disabled (frozen teacher under LoRA)
         m["opsd/teacher_adapter_off"] = float(self.teacher.adapter_toggle)
         metrics.update(m)

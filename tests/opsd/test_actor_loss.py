@@ -31,21 +31,27 @@ RESPONSES = [[60, 61, 62, 258], [70, 71], [80, 81, 82, 83, 84, 258]]
 ROLLOUT_T = 0.8
 
 
-def _micro_batch():
-    seqs = [torch.tensor(p + r) for p, r in zip(STUDENT_PROMPTS, RESPONSES)]
+def _micro_batch(rows=(0, 1, 2), batch_num_tokens=None):
+    prompts, responses = [STUDENT_PROMPTS[i] for i in rows], [RESPONSES[i] for i in rows]
+    seqs = [torch.tensor(p + r) for p, r in zip(prompts, responses)]
     nested = lambda xs: torch.nested.as_nested_tensor(xs, layout=torch.jagged)  # noqa: E731
     td = tu.get_tensordict(
         {
             "input_ids": nested(seqs),
-            "prompts": nested([torch.tensor(p) for p in STUDENT_PROMPTS]),
-            "responses": nested([torch.tensor(r) for r in RESPONSES]),
-            "response_mask": nested([torch.ones(len(r), dtype=torch.long) for r in RESPONSES]),
-            "old_log_probs": nested([torch.full((len(r),), -2.0) for r in RESPONSES]),
-            "advantages": nested([torch.zeros(len(r)) for r in RESPONSES]),
-            "extra_info": [e for e, _ in ROWS],
-            "reward_model": [rm for _, rm in ROWS],
+            "prompts": nested([torch.tensor(p) for p in prompts]),
+            "responses": nested([torch.tensor(r) for r in responses]),
+            "response_mask": nested([torch.ones(len(r), dtype=torch.long) for r in responses]),
+            "old_log_probs": nested([torch.full((len(r),), -2.0) for r in responses]),
+            "advantages": nested([torch.zeros(len(r)) for r in responses]),
+            "extra_info": [ROWS[i][0] for i in rows],
+            "reward_model": [ROWS[i][1] for i in rows],
         },
-        non_tensor_dict={"dp_size": 1, "batch_num_tokens": None, "global_batch_size": None, "temperature": ROLLOUT_T},
+        non_tensor_dict={
+            "dp_size": 1,
+            "batch_num_tokens": batch_num_tokens,
+            "global_batch_size": None,
+            "temperature": ROLLOUT_T,
+        },
     )
     return td, seqs
 
@@ -137,3 +143,45 @@ def test_actor_loss_sampled_variant_uses_pg_loss(tokenizer, tiny_model, monkeypa
     torch.testing.assert_close(adv[0, : len(RESPONSES[0])], t_lp + 2.0, rtol=1e-4, atol=1e-5)
     assert torch.equal(adv[1], torch.zeros_like(adv[1]))
     assert "opsd/sampled_gap_mean" in metrics and metrics["opsd/context_fraction"] == pytest.approx(2 / 3)
+
+
+class _PPOConfig(SimpleNamespace):
+    """The actor-config fields veRL's ppo_loss and vanilla policy loss read."""
+
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_logged_loss_is_the_mini_batch_loss_over_micro_batches(tokenizer, tiny_model, loss):
+    """veRL normalises each micro-batch's loss by the mini-batch's token count and sums the micro-batch losses
+    (gradient accumulation); the logged opsd/loss, aggregated over micro-batches as veRL's worker does, is the
+    loss of the whole mini-batch, not that divided by the micro-batch count."""
+    from verl.utils.metric import Metric
+
+    model = tiny_model(seed=3)
+    teacher = TeacherWeights(model, "current")
+    params = OPSDLossParams(loss=loss, beta=0.1, temperature=1.1, pointwise_clip=0.05)
+    tokens = sum(len(r) for r in RESPONSES)
+    config = _PPOConfig(
+        **vars(_actor_config()),
+        policy_loss={"loss_mode": "vanilla"},
+        clip_ratio=0.2,
+        clip_ratio_low=None,
+        clip_ratio_high=None,
+        use_kl_loss=False,
+    )
+    loss_fn = OPSDActorLoss(model, teacher, params, tokenizer, SETTINGS, config)
+    whole, _ = _engine_calls(loss_fn, model, *_micro_batch(batch_num_tokens=tokens))
+    logged, losses = None, []
+    for rows in ((0, 1), (2,)):
+        part, metrics = _engine_calls(loss_fn, model, *_micro_batch(rows, batch_num_tokens=tokens))
+        losses.append(float(part.detach()))
+        metric = metrics["opsd/loss"]
+        assert isinstance(metric, Metric)
+        logged = metric if logged is None else (logged.extend(metric) or logged)
+    assert sum(losses) == pytest.approx(float(whole.detach()), rel=1e-4)  # gradient accumulation
+    assert logged.aggregate() == pytest.approx(float(whole.detach()), rel=1e-4)
+    # without the mini-batch normalisation each micro-batch loss is its own mean: averaged, as veRL does
+    _, metrics = _engine_calls(loss_fn, model, *_micro_batch())
+    assert metrics["opsd/loss"].aggregation.value == "mean"
