@@ -22,6 +22,7 @@ OPSD_LOSSES = ("full", "topk", "sampled")
 OPSD_TEACHERS = ("frozen", "current", "ema")
 MISSING_SOLUTION = ("error", "skip")
 CPU_DEMO = ("auto", "true", "false")
+OPSD_ESTIMATOR = "opsd_in_actor"  # OPSD's advantage estimator (zeros: the loss is computed inside the actor)
 
 
 class OPDConfigError(ValueError):
@@ -296,16 +297,20 @@ def _cross_checks(opd: OPDConfig, cfg: DictConfig | None) -> None:
         _fail("weighting.anneal", True, "annealing applies to prefix_mask and prefix_weight only")
 
     if signal.name == "opsd":
-        if opd.opsd.loss != "sampled" and (opd.weighting.name != "none" or opd.release.enabled):
-            stage = "weighting.name" if opd.weighting.name != "none" else "release.enabled"
-            value = opd.weighting.name if opd.weighting.name != "none" else True
-            _fail(
-                stage,
-                value,
-                f"the {opd.opsd.loss}-vocabulary OPSD loss is not an advantage, so it cannot be weighted or released; "
-                "use opd.opsd.loss=sampled, or weighting.name=none and release.enabled=false",
-            )
+        # every OPSD loss, the sampled-token one included, is computed inside the actor: no advantage stage applies
+        for stage, value, off in (
+            ("weighting.name", opd.weighting.name, "none"),
+            ("release.enabled", opd.release.enabled, False),
+            ("task_coef", opd.task_coef, 0.0),
+        ):
+            if value != off:
+                raise OPDConfigError(
+                    f"opd.{stage}={value!r} is not available with opd.signal.name=opsd: the OPSD loss "
+                    f"({opd.opsd.loss}) is not an advantage computed by the trainer but a loss computed inside the "
+                    f"actor, so it cannot be weighted, released or mixed with a task reward; use opd.{stage}={off}."
+                )
         if cfg is not None:
+            _check_opsd_actor(opd, cfg)
             lora_rank = OmegaConf.select(cfg, "actor_rollout_ref.model.lora_rank", default=0) or 0
             if opd.opsd.loss == "full" and opd.opsd.teacher != "current" and lora_rank <= 0:
                 _fail(
@@ -360,6 +365,27 @@ def _cross_checks(opd: OPDConfig, cfg: DictConfig | None) -> None:
                 "loss unchanged) or algorithm.use_kl_in_reward=true; or give a base model with "
                 "opd.reference.kind=base_model opd.reference.path=PATH; or use lam=1",
             )
+
+
+def _check_opsd_actor(opd: OPDConfig, cfg: DictConfig) -> None:
+    """What OPSD's actor worker needs from veRL's settings."""
+    estimator = OmegaConf.select(cfg, "algorithm.adv_estimator", default=None)
+    if estimator != OPSD_ESTIMATOR:
+        raise OPDConfigError(
+            f"algorithm.adv_estimator={estimator!r} is not allowed with opd.signal.name=opsd: the loss is computed "
+            f"inside the actor, so the advantages are zeros; set algorithm.adv_estimator={OPSD_ESTIMATOR}"
+        )
+    if OmegaConf.select(cfg, "actor_rollout_ref.model.use_fused_kernels", default=False):
+        raise OPDConfigError(
+            "opd.signal.name=opsd needs the student's logits, which actor_rollout_ref.model.use_fused_kernels=true "
+            "never materialises: set it to false"
+        )
+    sp = OmegaConf.select(cfg, "actor_rollout_ref.actor.ulysses_sequence_parallel_size", default=1) or 1
+    if int(sp) > 1:
+        raise OPDConfigError(
+            "opd.signal.name=opsd does not support sequence parallelism: set "
+            "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1"
+        )
 
 
 def _check_server_teachers(opd: OPDConfig) -> None:

@@ -123,9 +123,6 @@ def check(cfg: DictConfig) -> tuple[DictConfig, OPDConfig]:
     cfg = prepare(cfg)
     opd = load_opd_config(cfg)
     if opd.signal.name == "opsd":
-        from opd_verl.trainer.opsd_trainer import check_opsd_supported
-
-        check_opsd_supported(opd, cfg)
         check_opsd_data(cfg, opd)
     if opd.teachers.kind == "server" and opd.signal.name != "opsd":
         from opd_verl.integration.server_teachers import apply_server_teachers

@@ -1,35 +1,15 @@
-"""The plugin trainer: veRL 0.9.1's synchronous v1 trainer plus forward-only teacher/reference worker groups.
+"""The plugin trainer for OPD and its variants: veRL's synchronous v1 trainer plus forward-only teacher workers.
 
-`OPDTrainer` subclasses `verl.trainer.ppo.v1.PPOTrainerSync` and is registered with veRL's `@register_trainer`
-under ``opd_sync``. veRL picks the trainer class by ``trainer.v1.trainer_mode`` and compares that mode with
-``"sync"`` in several places, so `OPDTaskRunner` (the task runner `opd_verl.main` starts) selects ``opd_sync``
-for a config that says ``sync``, and the trainer restores ``sync`` before veRL reads it: a run keeps veRL's
-synchronous semantics everywhere.
-
-What it adds to veRL's step (`_step_once`):
-
-1. Setup: the tokenizers of student, teachers and references are compared before any worker starts
-   (`opd_verl.workers.tokenizer_check`); one extra resource pool (``opd.teachers.nnodes`` x
-   ``n_gpus_per_node``) holds a colocated `RayWorkerGroup` of `ForwardOnlyWorker`s: one per teacher and one per
-   reward-correction base model.
-2. Old log-prob pass (release rule only): the actor's own forward also emits the student's top-K ids through
-   veRL's ``distillation_use_topk`` logits-processor path (no second student forward).
-3. Advantage step (`_compute_advantage`): samples are routed to teachers by ``opd.teachers.routing_key``; each
-   teacher (and its reference) scores its samples where the data lives (TransferQueue); then veRL's reward and
-   rollout-correction handling runs as in veRL, and `compose_advantages` (the ``opd:`` stages) turns the
-   student/teacher/reference log-probs, release margins and sentence ids, per-sample lam and the step into the
-   advantages.
-4. Metrics through veRL's tracking (``opd/...``), plugin state saved beside veRL's checkpoint, and the
-   preemption flag checked at every step boundary (`opd_verl.trainer.preemption`).
-
-`_compute_teacher_outputs` is the one per-step teacher call; OPSD overrides it to score privileged inputs.
+Registered as ``opd_sync`` (`opd_verl.trainer.base.PluginTrainer`). Each step it routes samples to teachers
+(``opd.teachers.routing_key``), has each teacher (and a reward-correction base model) score them where the data lives,
+and computes the advantages with one `compose_advantages` call, per-row lam included; with the release rule the
+actor's own old-log-prob forward also yields the student's top-K ids. Teachers and references must share the
+student's tokenizer, checked before any worker starts.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from functools import partial
 from typing import Any
@@ -40,10 +20,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1.trainer_base import register_trainer
-from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
-from opd_verl.config import OPDConfig, OPDConfigError, load_opd_config
-from opd_verl.trainer import preemption
+from opd_verl.config import OPDConfigError
+from opd_verl.trainer.base import PluginTrainer
 from opd_verl.trainer.routing import assign_teachers, routing_values
 from opd_verl.workers.forward_worker import SENTENCE_FIELD, STUDENT_TOPK_FIELD
 from opd_verl.workers.student_topk import StudentTopKLoss
@@ -63,7 +42,6 @@ POOL_NAME = "opd_pool"
 ROLE_NAME = "opd_forward"
 TEACHER_PREFIX = "opd_teacher"
 REF_PREFIX = "opd_ref"
-STATE_FILE = "opd_state.json"
 
 
 def _as_list(value) -> list:
@@ -102,28 +80,20 @@ OPDTaskRunner = ray.remote(OPDTaskRunnerBase)
 
 
 @register_trainer(OPD_TRAINER_NAME)
-class OPDTrainer(PPOTrainerSync):
+class OPDTrainer(PluginTrainer):
     """veRL's synchronous trainer with the plugin's teacher/reference workers (see the module docstring)."""
 
-    trainer_name = OPD_TRAINER_NAME  # the name it is registered under, which a task runner selects
+    trainer_name = OPD_TRAINER_NAME
 
     def __init__(self, config: DictConfig):
-        # selected by its registered name; veRL's synchronous trainer expects its own mode name
-        with open_dict(config):
-            if config.trainer.v1.trainer_mode == self.trainer_name:
-                config.trainer.v1.trainer_mode = "sync"
-        self.opd: OPDConfig = load_opd_config(config)
-        self.opd_state: dict[str, Any] = {"advantage_step": 0, "teacher_calls": 0}
-        self._saved_step = None
         self.forward_wgs: dict[str, Any] = {}
         self._teacher_refs: list[str | None] = []
         super().__init__(config)
-        self._check_supported()
 
     # ------------------------------------------------------------------ configuration
     @property
     def uses_local_teachers(self) -> bool:
-        return self.opd.signal.name != "opsd" and self.opd.teachers.kind == "local"
+        return self.opd.teachers.kind == "local"
 
     @property
     def collects_student_topk(self) -> bool:
@@ -473,45 +443,3 @@ class OPDTrainer(PPOTrainerSync):
             "sentence_ids": sentence_ids,
             "margins": margins,
         }
-
-    # ------------------------------------------------------------------ checkpoints and preemption
-    def _save_checkpoint(self):
-        super()._save_checkpoint()
-        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, STATE_FILE), "w") as f:
-            json.dump({**self.opd_state, "global_step": int(self.global_steps)}, f)
-        self._saved_step = self.global_steps
-
-    def _load_checkpoint(self):
-        super()._load_checkpoint()
-        if not self.global_steps:
-            return
-        folder = self._resume_folder()
-        path = None if folder is None else os.path.join(folder, STATE_FILE)
-        if path and os.path.exists(path):
-            with open(path) as f:
-                state = json.load(f)
-            self.opd_state.update({k: v for k, v in state.items() if k != "global_step"})
-            logger.info("opd_verl: restored plugin state %s from %s", self.opd_state, path)
-        else:
-            logger.warning("opd_verl: no %s beside the resumed checkpoint; plugin state starts fresh", STATE_FILE)
-
-    def _resume_folder(self) -> str | None:
-        trainer = self.config.trainer
-        if trainer.resume_mode == "resume_path":
-            return trainer.resume_from_path
-        folder = os.path.join(trainer.default_local_dir, f"global_step_{self.global_steps}")
-        return folder if os.path.isdir(folder) else None
-
-    def on_step_end(self):
-        super().on_step_end()
-        if preemption.should_save_and_exit():
-            if self._saved_step != self.global_steps:
-                self._save_checkpoint()
-            logger.warning(
-                "opd_verl: %s requested; checkpoint of step %d saved, leaving the training loop",
-                preemption.preemption_reason(),
-                self.global_steps,
-            )
-            self.total_training_steps = self.global_steps  # veRL's fit() leaves its loop after this step

@@ -110,12 +110,26 @@ def test_server_teacher_cannot_serve_release_or_reward_correction(compose_cfg, o
     assert "teachers.kind=local" in message
 
 
-@pytest.mark.parametrize("stage", ["opd.weighting.name=iw", "opd.release.enabled=true"])
-def test_full_vocab_opsd_refuses_weighting_and_release(compose_cfg, stage):
-    message = _refused(compose_cfg, "+recipe=opsd", stage)
+@pytest.mark.parametrize("stage", ["opd.weighting.name=iw", "opd.release.enabled=true", "opd.task_coef=0.5"])
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_opsd_refuses_weighting_release_and_task_reward(compose_cfg, stage, loss):
+    # every OPSD loss is computed inside the actor, the sampled-token one included, so the trainer (which runs
+    # the same checks) and the driver refuse the same configs
+    message = _refused(compose_cfg, "+recipe=opsd", stage, f"opd.opsd.loss={loss}")
     assert "not an advantage" in message
-    # The sampled-token OPSD variant is an advantage, so the same stage is accepted.
-    load_opd_config(compose_cfg("+recipe=opsd", stage, "opd.opsd.loss=sampled"))
+    assert "opsd.loss=sampled" not in message  # no longer suggested: the trainer refused it
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("algorithm.adv_estimator=opd_pipeline", "algorithm.adv_estimator=opsd_in_actor"),
+        ("actor_rollout_ref.model.use_fused_kernels=true", "use_fused_kernels"),
+        ("actor_rollout_ref.actor.ulysses_sequence_parallel_size=2", "sequence parallelism"),
+    ],
+)
+def test_opsd_actor_needs(compose_cfg, override, needle):
+    assert needle in _refused(compose_cfg, "+recipe=opsd", override)
 
 
 def test_opsd_full_vocab_needs_teacher_in_actor(compose_cfg):
