@@ -44,6 +44,14 @@ TEACHER_PREFIX = "opd_teacher"
 REF_PREFIX = "opd_ref"
 
 
+def without_fields(meta, prefix: str):
+    """``meta`` (a TransferQueue ``KVBatchMeta``) without the fields whose names start with ``prefix``, so a later
+    worker call on it does not fetch them (veRL's workers fetch exactly ``meta.fields``)."""
+    if meta.fields is not None:
+        meta.fields = [f for f in meta.fields if not f.startswith(prefix)]
+    return meta
+
+
 def _as_list(value) -> list:
     if value is None:
         return None
@@ -356,7 +364,9 @@ class OPDTrainer(PluginTrainer):
                 out_fields.append("rollout_is_weights")
         output = {f: response_to_nested(data.batch[f], response_mask_nested) for f in out_fields}
         output = TensorDict(output, batch_size=len(batch))
-        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
+        meta = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
+        # the student's top-K ids served the teacher phase only: the actor update does not fetch them
+        return without_fields(meta, STUDENT_TOPK_FIELD.format(""))
 
     def _opd_advantages(self, data, owners: list[int], base_ref, metrics: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """`(B, T)` advantages (also the returns) from one :func:`~opd_verl.objectives.compose_advantages` call;

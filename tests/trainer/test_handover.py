@@ -173,9 +173,26 @@ def test_student_topk_loss_emits_k_id_fields_and_delegates():
     loss = StudentTopKLoss(lambda **kw: calls.append(kw) or (torch.tensor(2.0), {"m": 1}), 3)
     logits = torch.randn(1, 7, 11)
     out = loss(student_logits=logits, data=None)
+    assert sorted(out) == [f"opd_student_topk_{j}" for j in range(3)]
+    for j in range(3):
+        # veRL all-gathers each field over the Ulysses SP group: NCCL takes contiguous tensors only
+        assert out[f"opd_student_topk_{j}"].shape == (1, 7) and out[f"opd_student_topk_{j}"].is_contiguous()
+        assert out[f"opd_student_topk_{j}"].squeeze(0).is_contiguous()  # what veRL gathers
+        assert out[f"opd_student_topk_{j}"].dtype == torch.int32
     ids = torch.stack([out[f"opd_student_topk_{j}"] for j in range(3)], dim=-1)
-    assert ids.shape == (1, 7, 3)
-    assert torch.equal(ids, torch.topk(logits, 3, dim=-1).indices)
+    assert torch.equal(ids.long(), torch.topk(logits, 3, dim=-1).indices)
     td = TensorDict({}, batch_size=[])
     value, metrics = loss(model_output={"log_probs": torch.zeros(2)}, data=td, dp_group=None)
     assert value.item() == 2.0 and calls
+
+
+def test_student_topk_fields_are_left_out_of_the_actor_update():
+    """veRL's workers fetch exactly ``meta.fields``; after the teacher phase the top-K ids are not among them."""
+    from transfer_queue.metadata import KVBatchMeta
+
+    from opd_verl.trainer.opd_trainer import without_fields
+    from opd_verl.workers.forward_worker import STUDENT_TOPK_FIELD
+
+    stored = ["responses", "old_log_probs", "advantages"] + [STUDENT_TOPK_FIELD.format(j) for j in range(4)]
+    meta = KVBatchMeta(keys=["a", "b"], tags=[{}, {}], partition_id="train", fields=list(stored))
+    assert without_fields(meta, STUDENT_TOPK_FIELD.format("")).fields == ["responses", "old_log_probs", "advantages"]

@@ -67,10 +67,10 @@ def test_worker_group_matches_direct_forward(ray_cpu, model_dirs):
 
     prompts, responses = _rollouts()
     k = 4
-    # student top-K ids over prompt + response positions, as the actor's log-prob pass writes them
+    # student top-K ids over prompt + response positions, as the actor's log-prob pass writes them (int32)
     g = torch.Generator().manual_seed(7)
     full_len = [p.numel() + r.numel() for p, r in zip(prompts, responses)]
-    topk_cols = [[torch.randint(0, 256, (n,), generator=g) for n in full_len] for _ in range(k)]
+    topk_cols = [[torch.randint(0, 256, (n,), generator=g, dtype=torch.int32) for n in full_len] for _ in range(k)]
     td = TensorDict(
         {"prompts": _nested(prompts), "responses": _nested(responses)}
         | {f"opd_student_topk_{j}": _nested(topk_cols[j]) for j in range(k)},
@@ -89,7 +89,7 @@ def test_worker_group_matches_direct_forward(ray_cpu, model_dirs):
     for i, (p, r) in enumerate(zip(prompts, responses)):
         full = _direct(model_dirs["a"], p, r)
         start = p.numel() - 1
-        cand = torch.stack([topk_cols[j][i][start : start + r.numel()] for j in range(k)], dim=-1)
+        cand = torch.stack([topk_cols[j][i][start : start + r.numel()] for j in range(k)], dim=-1).long()
         torch.testing.assert_close(
             out["opd_teacher_log_probs"][i], full.gather(-1, r[:, None]).squeeze(-1), atol=1e-5, rtol=0
         )
