@@ -36,6 +36,22 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _reshard_fsdp(model: torch.nn.Module) -> None:
+    """Put every FSDP2 module of `model` back on its sharded parameters (no-op for other modules).
+
+    FSDP2 keeps a module's all-gathered parameters after its forward when it does not reshard after forward (the
+    root module under torch's default: final norm, embeddings and a tied lm_head; every module with
+    ``reshard_after_forward=False``); until then the module's parameters are those unsharded copies, so the shadow
+    values must go into the shards with no module unsharded, and the teacher's unsharded copies must not outlive
+    the teacher forward (the student's backward would all-gather nothing and use them).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 class TeacherWeights:
     """Teacher weights for OPSD on a model that is also the student.
 
@@ -104,6 +120,7 @@ class TeacherWeights:
             with self.model.disable_adapter():
                 yield
             return
+        _reshard_fsdp(self.model)
         params = dict(self._tracked())
         backup = {}
         with torch.no_grad():
@@ -126,6 +143,7 @@ class TeacherWeights:
                         params[name].copy_(saved)
                     else:
                         params[name].data = saved
+            _reshard_fsdp(self.model)
 
     def state_dict(self) -> dict:
         """Mode, decay, update count and the shadow values (local shards when sharded)."""
