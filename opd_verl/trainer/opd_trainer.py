@@ -167,7 +167,14 @@ class OPDTrainer(PluginTrainer):
         from opd_verl.workers.forward_worker import forward_worker_config
 
         teachers, release = self.opd.teachers, self.opd.release
-        micro = int(self.config.actor_rollout_ref.rollout.get("log_prob_micro_batch_size_per_gpu") or 8)
+        arr = self.config.actor_rollout_ref
+        # forwards follow veRL's reference worker: packing, token budget or rows per forward
+        forwards = {
+            "micro_batch_size": int(arr.ref.get("log_prob_micro_batch_size_per_gpu") or 8),
+            "use_remove_padding": bool(arr.model.get("use_remove_padding", True)),
+            "use_dynamic_bsz": bool(arr.ref.get("log_prob_use_dynamic_bsz", False)),
+            "max_token_len": int(arr.ref.get("log_prob_max_token_len_per_gpu") or 16384),
+        }
         configs = {}
         self._teacher_refs = []
         ref_keys: dict[str, str] = {}
@@ -176,15 +183,15 @@ class OPDTrainer(PluginTrainer):
                 t.path,
                 TEACHER_PREFIX,
                 chunk_size=teachers.logprob_chunk_size,
-                micro_batch_size=micro,
                 margin=release.margin if release.enabled else None,
                 sentences=release.enabled,
                 split_newlines=release.split_newlines,
+                **forwards,
             )
             if ref and ref not in ref_keys:
                 ref_keys[ref] = f"reference{len(ref_keys)}"
                 configs[ref_keys[ref]] = forward_worker_config(
-                    ref, REF_PREFIX, chunk_size=teachers.logprob_chunk_size, micro_batch_size=micro
+                    ref, REF_PREFIX, chunk_size=teachers.logprob_chunk_size, **forwards
                 )
             self._teacher_refs.append(ref_keys.get(ref) if ref else None)
         return configs

@@ -1,8 +1,10 @@
 """Forward-only model worker: a teacher (or a reward-correction reference) scoring the student's rollouts.
 
 A Ray worker of veRL's single controller (`verl.single_controller.base.Worker`), built into a `RayWorkerGroup` on
-the plugin's own resource pool. It loads one causal LM from a path, shards it with veRL's FSDP2 helper when the
-group has more than one rank, keeps no optimizer, and for a batch of (prompt, response) rows returns per response
+the plugin's own resource pool. It loads one causal LM from a path the way veRL's FSDP engine does when the group
+has more than one rank (rank 0 reads the weights, the other ranks build the model on the meta device, veRL's
+`apply_fsdp2` shards it and `fsdp2_load_full_state_dict` broadcasts rank 0's weights into the shards), keeps no
+optimizer, and for a batch of (prompt, response) rows returns per response
 token, computed from the last hidden states in chunks of positions (`opd_verl.workers.logprobs`):
 
 - ``{prefix}_log_probs``: log-prob of the sampled id;
@@ -12,6 +14,11 @@ token, computed from the last hidden states in chunks of positions (`opd_verl.wo
 - ``{prefix}_topk_ids`` / ``{prefix}_topk_log_probs`` `(n, k)`: its own top-k, when ``own_topk`` > 0;
 - ``opd_sentence_ids``: sentence index per response token (release rule), when ``sentences`` is set. The
   segmentation runs here, on the worker that holds the batch shard.
+
+Forwards follow the actor's settings like veRL's reference worker: ``use_remove_padding`` packs the rows of a
+forward without padding, ``use_dynamic_bsz`` groups rows into forwards by a token budget (``max_token_len``, veRL's
+``log_prob_max_token_len_per_gpu``) with veRL's dynamic-batch helper, otherwise ``micro_batch_size`` rows per
+forward. Every rank runs the same number of forwards (FSDP collectives), padding with one-token forwards.
 
 Every output is a jagged nested tensor with one row per sample and the response's length, the layout veRL's v1
 trainer keeps in TransferQueue, so the method can be called with a `KVBatchMeta` (veRL's bridge reads the shard
@@ -40,6 +47,9 @@ def forward_worker_config(
     output_prefix: str,
     chunk_size: int = 1024,
     micro_batch_size: int = 8,
+    use_remove_padding: bool = True,
+    use_dynamic_bsz: bool = True,
+    max_token_len: int = 16384,
     margin: str | None = None,
     sentences: bool = False,
     split_newlines: bool = True,
@@ -54,7 +64,11 @@ def forward_worker_config(
         model_path: local model directory (weights + tokenizer).
         output_prefix: prefix of the output field names, e.g. ``opd_teacher`` or ``opd_ref``.
         chunk_size: positions per log-softmax chunk (peak extra memory ~ chunk_size x vocab float32).
-        micro_batch_size: rows per model forward.
+        micro_batch_size: rows per model forward when ``use_dynamic_bsz`` is off.
+        use_remove_padding: pack the rows of a forward without padding (the actor's ``use_remove_padding``).
+        use_dynamic_bsz: group rows into forwards of at most ``max_token_len`` tokens (the reference's
+            ``log_prob_use_dynamic_bsz``).
+        max_token_len: token budget per forward and rank (the reference's ``log_prob_max_token_len_per_gpu``).
         margin: ``prob`` | ``logprob``: compute release margins when the batch carries the student's top-K ids.
         sentences: also compute sentence ids of each response (release rule).
         split_newlines: sentence segmentation also splits at newlines.
@@ -63,8 +77,11 @@ def forward_worker_config(
         dtype: ``auto`` (bfloat16 on an accelerator, float32 on CPU) | ``float32`` | ``bfloat16`` | ``float16``.
         attn_implementation: passed to ``from_pretrained``; None: ``sdpa``.
     """
-    if chunk_size < 1 or micro_batch_size < 1:
-        raise ValueError(f"chunk_size and micro_batch_size must be >= 1, got {chunk_size} and {micro_batch_size}")
+    if chunk_size < 1 or micro_batch_size < 1 or max_token_len < 1:
+        raise ValueError(
+            f"chunk_size, micro_batch_size and max_token_len must be >= 1, got {chunk_size}, {micro_batch_size} "
+            f"and {max_token_len}"
+        )
     if margin not in (None, "prob", "logprob"):
         raise ValueError(f"margin must be None, 'prob' or 'logprob', got {margin!r}")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -74,6 +91,9 @@ def forward_worker_config(
         "output_prefix": output_prefix,
         "chunk_size": int(chunk_size),
         "micro_batch_size": int(micro_batch_size),
+        "use_remove_padding": bool(use_remove_padding),
+        "use_dynamic_bsz": bool(use_dynamic_bsz),
+        "max_token_len": int(max_token_len),
         "margin": margin,
         "sentences": bool(sentences),
         "split_newlines": bool(split_newlines),
@@ -121,7 +141,7 @@ class ForwardOnlyWorker(Worker):
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self) -> None:
         """Load the model (sharded with FSDP2 over the group when it has several ranks) and its tokenizer."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from verl.utils.device import get_device_name
 
         device_name = get_device_name()
@@ -140,32 +160,47 @@ class ForwardOnlyWorker(Worker):
 
         path = self.config["model_path"]
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=self.config.get("attn_implementation") or "sdpa"
-        )
-        model.eval()
-        model.requires_grad_(False)
+        attn = self.config.get("attn_implementation") or "sdpa"
         if self.world_size > 1:
             from torch.distributed.device_mesh import init_device_mesh
-            from verl.utils.fsdp_utils import apply_fsdp2
+            from verl.utils.fsdp_utils import apply_fsdp2, fsdp2_load_full_state_dict, get_init_weight_context_manager
 
-            model.to(self.device)
             mesh = init_device_mesh(self.device.type, mesh_shape=(self.world_size,), mesh_dim_names=("fsdp",))
+            # as veRL's FSDP engine: weights read on rank 0 only, meta tensors elsewhere (unless tied embeddings)
+            hf_config = AutoConfig.from_pretrained(path)
+            init_context = get_init_weight_context_manager(
+                use_meta_tensor=not getattr(hf_config, "tie_word_embeddings", False), mesh=mesh
+            )
+            with init_context():
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+            model.requires_grad_(False)
+            full_state = model.state_dict()
             apply_fsdp2(model, {"mesh": mesh, "reshard_after_forward": True}, {})
+            fsdp2_load_full_state_dict(model, full_state, mesh, None)
+            del full_state
         else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
             model.to(self.device)
+        model.eval()
+        model.requires_grad_(False)
         self.model = model
         self._register_dispatch_collect_info(mesh_name=MESH_NAME, dp_rank=self.rank, is_collect=True)
 
-    def _micro_batches(self, n_rows: int) -> list[slice]:
-        size = self.config["micro_batch_size"]
-        slices = [slice(s, min(s + size, n_rows)) for s in range(0, n_rows, size)]
+    def _forward_groups(self, seq_lens: list[int]) -> list[list[int]]:
+        """Row indices of each forward; every rank gets the same count (empty lists pad the short ones)."""
+        from opd_verl.workers.logprobs import micro_batches
+
+        cfg = self.config
+        if cfg["use_dynamic_bsz"]:
+            groups = micro_batches(seq_lens, max_tokens=cfg["max_token_len"])
+        else:
+            groups = micro_batches(seq_lens, rows_per_batch=cfg["micro_batch_size"])
         if self.world_size > 1:
             # every rank must run the same number of forwards (FSDP collectives)
-            count = torch.tensor([len(slices)], device=self.device)
+            count = torch.tensor([len(groups)], device=self.device)
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-            slices += [slice(0, 0)] * (int(count.item()) - len(slices))
-        return slices
+            groups += [[] for _ in range(int(count.item()) - len(groups))]
+        return groups
 
     def _candidates(self, data: TensorDict, responses: list[torch.Tensor]) -> list[torch.Tensor] | None:
         from verl.workers.utils.padding import response_from_nested
@@ -187,57 +222,60 @@ class ForwardOnlyWorker(Worker):
 
         cfg = self.config
         prefix = cfg["output_prefix"]
-        if "prompts" not in data.keys():  # an empty shard (TransferQueue splits unevenly): keep FSDP ranks in step
-            for _ in self._micro_batches(0):
-                pad = torch.tensor([self.tokenizer.pad_token_id or 0])
-                response_logprobs(self.model, [pad], [pad], chunk_size=cfg["chunk_size"])
-            return TensorDict({}, batch_size=[0])
-        prompts = [p.reshape(-1).long() for p in _rows(data["prompts"])]
-        responses = [r.reshape(-1).long() for r in _rows(data["responses"])]
-        n_rows = len(responses)
-        temperature = float(_scalar(data, "temperature", 1.0))
-        candidates = self._candidates(data, responses) if (cfg["margin"] or cfg["return_candidates"]) else None
-
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        logp_rows, margin_rows, cand_rows, topk_id_rows, topk_lp_rows = [], [], [], [], []
-        for sl in self._micro_batches(n_rows):
-            if sl.stop == sl.start:  # a padding forward that keeps FSDP ranks in step
-                dummy = [torch.tensor([pad_id]), torch.tensor([pad_id])]
-                response_logprobs(self.model, dummy[:1], dummy[1:], chunk_size=cfg["chunk_size"])
+        if "prompts" in data.keys():
+            prompts = [p.reshape(-1).long() for p in _rows(data["prompts"])]
+            responses = [r.reshape(-1).long() for r in _rows(data["responses"])]
+        else:  # an empty shard (TransferQueue splits unevenly): only keep FSDP ranks in step
+            prompts, responses = [], []
+        n_rows = len(responses)
+        temperature = float(_scalar(data, "temperature", 1.0)) if n_rows else 1.0
+        wants_candidates = n_rows and (cfg["margin"] or cfg["return_candidates"])
+        candidates = self._candidates(data, responses) if wants_candidates else None
+
+        scored = [i for i in range(n_rows) if responses[i].numel()]  # an empty response needs no forward
+        per_row: dict[str, list[torch.Tensor | None]] = {}
+        for group in self._forward_groups([prompts[i].numel() + responses[i].numel() for i in scored]):
+            rows = [scored[j] for j in group]
+            if not rows:  # a padding forward that keeps FSDP ranks in step
+                pad = [torch.tensor([pad_id], device=self.device)]
+                response_logprobs(self.model, pad, pad, chunk_size=cfg["chunk_size"], max_tokens=None)
                 continue
             out = response_logprobs(
                 self.model,
-                [p.to(self.device) for p in prompts[sl]],
-                [r.to(self.device) for r in responses[sl]],
-                candidates=None if candidates is None else [c.to(self.device) for c in candidates[sl]],
+                [prompts[i].to(self.device) for i in rows],
+                [responses[i].to(self.device) for i in rows],
+                candidates=None if candidates is None else [candidates[i].to(self.device) for i in rows],
                 topk=cfg["own_topk"],
                 chunk_size=cfg["chunk_size"],
                 temperature=temperature,
                 pad_token_id=pad_id,
+                max_tokens=None,  # the group is one forward
+                packed=cfg["use_remove_padding"],
             )
             out = {k: v.cpu() for k, v in out.items()}
-            margins = None
             if candidates is not None and cfg["margin"]:
-                margins = topk_margin(out["candidate_log_probs"], cfg["margin"]) * out["response_mask"]
-            for j, r in enumerate(responses[sl]):
-                n = r.numel()
-                logp_rows.append(out["log_probs"][j, :n])
-                if margins is not None:
-                    margin_rows.append(margins[j, :n])
-                if candidates is not None and cfg["return_candidates"]:
-                    cand_rows.append(out["candidate_log_probs"][j, :n])
-                if cfg["own_topk"]:
-                    topk_id_rows.append(out["topk_ids"][j, :n])
-                    topk_lp_rows.append(out["topk_log_probs"][j, :n])
+                out["margins"] = topk_margin(out["candidate_log_probs"], cfg["margin"]) * out["response_mask"]
+            for j, i in enumerate(rows):
+                for key, value in out.items():
+                    per_row.setdefault(key, [None] * n_rows)[i] = value[j, : responses[i].numel()]
 
-        fields = {f"{prefix}_log_probs": _nested(logp_rows)}
-        if margin_rows:
-            fields[f"{prefix}_margins"] = _nested(margin_rows)
-        if cand_rows:
-            fields[f"{prefix}_candidate_log_probs"] = _nested(cand_rows)
-        if topk_id_rows:
-            fields[f"{prefix}_topk_ids"] = _nested(topk_id_rows)
-            fields[f"{prefix}_topk_log_probs"] = _nested(topk_lp_rows)
+        def column(key: str, like: tuple[int, ...], dtype) -> torch.Tensor:
+            got = per_row.get(key, [None] * n_rows)
+            return _nested([g if g is not None else torch.zeros((0, *like), dtype=dtype) for g in got])
+
+        if not n_rows:
+            return TensorDict({}, batch_size=[0])
+        fields = {f"{prefix}_log_probs": column("log_probs", (), torch.float32)}
+        if candidates is not None and cfg["margin"]:
+            fields[f"{prefix}_margins"] = column("margins", (), torch.float32)
+        if candidates is not None and cfg["return_candidates"]:
+            k = int(candidates[0].shape[-1])
+            fields[f"{prefix}_candidate_log_probs"] = column("candidate_log_probs", (k,), torch.float32)
+        if cfg["own_topk"]:
+            k = cfg["own_topk"]
+            fields[f"{prefix}_topk_ids"] = column("topk_ids", (k,), torch.int64)
+            fields[f"{prefix}_topk_log_probs"] = column("topk_log_probs", (k,), torch.float32)
         if cfg["sentences"]:
             fields[SENTENCE_FIELD] = _nested(self._sentence_rows(data, responses))
         return TensorDict(fields, batch_size=[n_rows])

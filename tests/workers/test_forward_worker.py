@@ -1,5 +1,7 @@
 """The forward-only worker as a real Ray worker group on CPU (RayResourcePool(use_gpu=False)), vs direct forwards."""
 
+import os
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -9,12 +11,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from opd_verl.demo.tiny import build_tiny_qwen2
+    from transformers import Qwen2ForCausalLM
+
+    from opd_verl.demo.tiny import build_tiny_qwen2, build_tokenizer, tiny_qwen2_config
 
     root = tmp_path_factory.mktemp("models")
+    untied = str(root / "teacher_untied")  # no tied embeddings: ranks other than 0 build it on the meta device
+    cfg = tiny_qwen2_config(vocab_size=259, hidden_size=32, num_layers=2)
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(3)
+    Qwen2ForCausalLM(cfg).save_pretrained(untied)
+    build_tokenizer(untied)
     return {
         "a": build_tiny_qwen2(str(root / "teacher_a"), hidden_size=32, seed=1),
         "b": build_tiny_qwen2(str(root / "teacher_b"), hidden_size=32, seed=2),
+        "untied": untied,
     }
 
 
@@ -22,7 +33,17 @@ def model_dirs(tmp_path_factory):
 def ray_cpu():
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    from opd_verl.cpu_port.activate import cpu_environment
+
+    # veRL's CPU platform in the workers (veRL's FSDP2 loading helper asks the platform for the device)
+    env = cpu_environment(os.environ.get("VERL_USE_EXTERNAL_MODULES"))
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        log_to_driver=False,
+        runtime_env={"env_vars": env},
+    )
     yield
     ray.shutdown()
 
@@ -146,8 +167,26 @@ def test_sentence_ids_on_worker(ray_cpu, model_dirs):
     assert out["opd_sentence_ids"][0].max() == 3 and out["opd_sentence_ids"][1].max() == 0
 
 
-def test_two_rank_fsdp_group_matches_direct_forward(ray_cpu, model_dirs):
-    """Two ranks (gloo, FSDP2-sharded model over both), one row per forward, each rank scoring its own half."""
+def _ragged(seed):
+    """Rows of very different lengths, including an empty and a length-1 response."""
+    g = torch.Generator().manual_seed(seed)
+    resp_lens = [0, 1, 37, 2, 60, 1, 0, 11, 25, 4]
+    prompts = [torch.randint(0, 256, (n,), generator=g) for n in (4, 2, 3, 30, 5, 1, 6, 9, 2, 7)]
+    responses = [torch.randint(0, 256, (n,), generator=g) for n in resp_lens]
+    return prompts, responses
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"use_remove_padding": True, "use_dynamic_bsz": True, "max_token_len": 48},
+        {"use_remove_padding": False, "use_dynamic_bsz": False, "micro_batch_size": 2},
+    ],
+    ids=["packed_token_budget", "padded_rows"],
+)
+def test_two_rank_fsdp_group_matches_direct_forward(ray_cpu, model_dirs, settings):
+    """Two ranks over gloo, the model loaded on rank 0 and broadcast into FSDP2 shards (meta tensors on rank 1),
+    each rank scoring its half of ragged rows; packed + token budget and padded rows give the direct log-probs."""
     import ray
     from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 
@@ -156,16 +195,21 @@ def test_two_rank_fsdp_group_matches_direct_forward(ray_cpu, model_dirs):
     pool = RayResourcePool(process_on_nodes=[2], use_gpu=False, max_colocate_count=1)
     cls = RayClassWithInitArgs(
         cls=ray.remote(ForwardOnlyWorker),
-        config=forward_worker_config(model_dirs["b"], "opd_teacher", micro_batch_size=1, chunk_size=2),
+        config=forward_worker_config(model_dirs["untied"], "opd_teacher", chunk_size=2, own_topk=2, **settings),
     )
     wg = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=cls, device_name="cpu")
     wg.init_model()
-    prompts, responses = _rollouts(seed=11, bsz=6)
-    td = TensorDict({"prompts": _nested(prompts), "responses": _nested(responses)}, batch_size=[6])
+    prompts, responses = _ragged(seed=11)
+    td = TensorDict({"prompts": _nested(prompts), "responses": _nested(responses)}, batch_size=[len(prompts)])
     out = wg.compute_logprobs(td)
     assert len(set(wg.pid())) == 2
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        full = _direct(model_dirs["b"], p, r)
+        assert out["opd_teacher_log_probs"][i].shape == (r.numel(),)
+        assert out["opd_teacher_topk_ids"][i].shape == (r.numel(), 2)
+        if not r.numel():
+            continue
+        full = _direct(model_dirs["untied"], p, r)
         torch.testing.assert_close(
             out["opd_teacher_log_probs"][i], full.gather(-1, r[:, None]).squeeze(-1), atol=1e-5, rtol=0
         )
+        torch.testing.assert_close(out["opd_teacher_topk_log_probs"][i], full.topk(2, -1).values, atol=1e-5, rtol=0)
