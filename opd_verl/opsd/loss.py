@@ -10,8 +10,10 @@ so teacher logits never leave the worker. Variants (``opd.opsd.loss``):
 - ``sampled``: no divergence; the advantage ``teacher - student`` log-prob of the sampled token, trained with the
   policy-gradient loss (:func:`sampled_token_advantages`).
 
-Teacher logits are computed in groups of samples with ``logits_to_keep`` restricted to the response positions, so
-the teacher adds about ``max(chunk_size, R) x V`` values in the model's dtype at a time (``R``: response width).
+Teacher logits are computed with ``logits_to_keep`` restricted to the response positions. The actor's loss
+(`opd_verl.integration.opsd_loss`) runs the teacher over groups of samples of at most the actor's token budget and
+consumes each group's logits before the next forward, so the teacher adds one group's ``g x R_g x V`` values in the
+model's dtype at a time (``R_g``: the group's response width), never the micro-batch's ``B x R x V``.
 """
 
 from __future__ import annotations

@@ -38,6 +38,8 @@ from opd_verl.opsd.teacher import TeacherWeights
 __all__ = ["OPSDActorLoss", "OPSDSettings", "opsd_settings_from_env", "make_opsd_worker_class"]
 
 _ROW_FIELDS = ("extra_info", "reward_model", "data_source")
+# teacher tokens per forward when the actor config gives no `ppo_max_token_len_per_gpu`
+DEFAULT_TEACHER_MAX_TOKENS = 16384
 
 
 def loss_metric(loss: torch.Tensor, data, actor_config):
@@ -140,6 +142,50 @@ class OPSDActorLoss:
             ctx.append(True)
         return prompts, ctx
 
+    def _teacher_group(
+        self,
+        rows,
+        prompts,
+        responses,
+        resp_lens,
+        logits,
+        resp_starts,
+        temperature,
+        divergence,
+        clipped,
+        teacher_lp,
+        context,
+    ) -> None:
+        """One teacher forward over the samples ``rows``; writes their per-token outputs into the `(nnz,)` buffers."""
+        width = max(int(resp_lens[i]) for i in rows)
+        resp = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=logits.device)
+        mask = torch.zeros_like(resp)
+        for k, i in enumerate(rows):
+            resp[k, : int(resp_lens[i])] = responses[i].to(logits.device)
+            mask[k, : int(resp_lens[i])] = 1
+        was_training = self.module.training
+        with torch.no_grad(), self.teacher.weights():
+            t_logits = teacher_response_logits(self.module, [prompts[i] for i in rows], resp, mask, self.pad_token_id)
+        self.module.train(was_training)
+        s_rows, t_rows, spans = [], [], []
+        for k, i in enumerate(rows):
+            r = int(resp_lens[i])
+            begin = int(resp_starts[i]) - 1  # the logit that predicts the first response token
+            s_rows.append(logits[begin : begin + r])
+            t_rows.append(t_logits[k, :r])
+            spans.append((begin, r))
+            t_scaled = t_logits[k, :r].float() / temperature
+            # row t of veRL's packed outputs belongs to the token at t + 1 (the token it predicts)
+            picked = t_scaled.gather(-1, resp[k, :r, None]).squeeze(-1)
+            teacher_lp[begin : begin + r] = picked - torch.logsumexp(t_scaled, dim=-1)
+            del t_scaled
+            context[begin : begin + r] = 1.0
+        if self.params.loss != "sampled":
+            divs, clips = opsd_response_divergences(s_rows, t_rows, self.params, logits_temperature=temperature)
+            for (begin, r), d, c in zip(spans, divs, clips, strict=True):
+                divergence.index_put_((torch.arange(begin, begin + r, device=d.device),), d)
+                clipped[begin : begin + r] = c.float()
+
     def logits_outputs(self, student_logits: torch.Tensor, data) -> dict[str, torch.Tensor]:
         """Logits-processor call: per-token OPSD tensors `(1, nnz)` over the packed micro-batch."""
         from verl.utils import tensordict_utils as tu
@@ -167,39 +213,28 @@ class OPSDActorLoss:
         context = torch.zeros(nnz, dtype=torch.float32, device=logits.device)
         chosen = [i for i in range(n) if ctx[i] and int(resp_lens[i]) > 0]
         if chosen:
-            width = max(int(resp_lens[i]) for i in chosen)
-            resp = torch.full((len(chosen), width), self.pad_token_id, dtype=torch.long, device=logits.device)
-            mask = torch.zeros_like(resp)
-            for k, i in enumerate(chosen):
-                resp[k, : int(resp_lens[i])] = responses[i].to(logits.device)
-                mask[k, : int(resp_lens[i])] = 1
-            was_training = self.module.training
-            with torch.no_grad(), self.teacher.weights():
-                t_logits = teacher_response_logits(
-                    self.module,
-                    [prompts[i] for i in chosen],
-                    resp,
-                    mask,
-                    self.pad_token_id,
-                    max_tokens=self.params.chunk_size,
+            from opd_verl.workers.logprobs import micro_batches
+
+            # the teacher forward has its own token budget (the actor's per-GPU token budget, as veRL gives the
+            # student's forward); each group's teacher logits are consumed (log-probs, divergences) and dropped
+            # before the next group runs, so at most one group's `(g, R_g, V)` logits exist at a time
+            budget = int(getattr(self.actor_config, "ppo_max_token_len_per_gpu", 0) or DEFAULT_TEACHER_MAX_TOKENS)
+            lens = [len(prompts[i]) + int(resp_lens[i]) for i in chosen]
+            for group in micro_batches(lens, max_tokens=budget):
+                rows = [chosen[j] for j in group]
+                self._teacher_group(
+                    rows,
+                    prompts,
+                    responses,
+                    resp_lens,
+                    logits,
+                    starts + prompt_lens,
+                    temperature,
+                    divergence,
+                    clipped,
+                    teacher_lp,
+                    context,
                 )
-            self.module.train(was_training)
-            s_rows, t_rows, spans = [], [], []
-            for k, i in enumerate(chosen):
-                r = int(resp_lens[i])
-                begin = int(starts[i] + prompt_lens[i]) - 1  # the logit that predicts the first response token
-                s_rows.append(logits[begin : begin + r])
-                t_rows.append(t_logits[k, :r])
-                spans.append((begin, r))
-                t_lp = torch.log_softmax(t_logits[k, :r].float() / temperature, dim=-1)
-                # row t of veRL's packed outputs belongs to the token at t + 1 (the token it predicts)
-                teacher_lp[begin : begin + r] = t_lp.gather(-1, resp[k, :r, None]).squeeze(-1)
-                context[begin : begin + r] = 1.0
-            if self.params.loss != "sampled":
-                divs, clips = opsd_response_divergences(s_rows, t_rows, self.params, logits_temperature=temperature)
-                for (begin, r), d, c in zip(spans, divs, clips, strict=True):
-                    divergence = divergence.index_put((torch.arange(begin, begin + r, device=d.device),), d)
-                    clipped[begin : begin + r] = c.float()
         return {
             "opsd_divergence": divergence.unsqueeze(0),
             "opsd_clipped": clipped.unsqueeze(0),

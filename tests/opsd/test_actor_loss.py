@@ -56,8 +56,13 @@ def _micro_batch(rows=(0, 1, 2), batch_num_tokens=None):
     return td, seqs
 
 
-def _actor_config(loss_agg_mode="token-mean"):
-    return SimpleNamespace(loss_agg_mode=loss_agg_mode, global_batch_info={}, loss_scale_factor=None)
+def _actor_config(loss_agg_mode="token-mean", token_budget=None):
+    return SimpleNamespace(
+        loss_agg_mode=loss_agg_mode,
+        global_batch_info={},
+        loss_scale_factor=None,
+        ppo_max_token_len_per_gpu=token_budget,
+    )
 
 
 def _engine_calls(loss_fn, model, td, seqs):
@@ -72,8 +77,11 @@ def _engine_calls(loss_fn, model, td, seqs):
     return loss_fn(model_output=model_output, data=td, dp_group=None)
 
 
-@pytest.mark.parametrize("mode", ["frozen", "current", "ema"])
-def test_actor_loss_equals_direct_computation(tokenizer, tiny_model, mode):
+@pytest.mark.parametrize(
+    ("mode", "token_budget"), [("frozen", None), ("current", None), ("ema", None), ("frozen", 1), ("ema", 10_000)]
+)
+def test_actor_loss_equals_direct_computation(tokenizer, tiny_model, mode, token_budget):
+    """token_budget: the teacher's tokens per forward (1: one sample per forward; None: all in one forward)."""
     model = tiny_model(seed=1)
     init = copy.deepcopy(model)
     teacher = TeacherWeights(model, mode, ema_decay=0.5)
@@ -82,9 +90,16 @@ def test_actor_loss_equals_direct_computation(tokenizer, tiny_model, mode):
             p.mul_(1.1)
     teacher.update()
     params = OPSDLossParams(loss="full", beta=0.1, temperature=1.1, pointwise_clip=0.05, chunk_size=3)
-    loss_fn = OPSDActorLoss(model, teacher, params, tokenizer, SETTINGS, _actor_config())
+    loss_fn = OPSDActorLoss(model, teacher, params, tokenizer, SETTINGS, _actor_config(token_budget=token_budget))
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *_: forwards.append(1))
     td, seqs = _micro_batch()
-    loss, metrics = _engine_calls(loss_fn, model, td, seqs)
+    try:
+        loss, metrics = _engine_calls(loss_fn, model, td, seqs)
+    finally:
+        handle.remove()
+    # 3 student forwards (one per sequence), then one teacher forward per group of the 2 samples with a solution
+    assert len(forwards) == 3 + (2 if token_budget == 1 else 1)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
