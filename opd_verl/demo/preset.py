@@ -130,7 +130,7 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
 
         # Model / engine settings veRL needs on CPU.
         model = "actor_rollout_ref.model"
-        _set(cfg, f"{model}.use_remove_padding", False)
+        _set_default(cfg, f"{model}.use_remove_padding", False, user_keys)
         _set(cfg, f"{model}.enable_gradient_checkpointing", False)
         _set(cfg, f"{model}.override_config.attn_implementation", "sdpa")
         _set(cfg, f"{model}.use_fused_kernels", False)
@@ -147,7 +147,7 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
             _set(cfg, f"actor_rollout_ref.{role}.fsdp_config.dtype", "float32")
             _set(cfg, f"actor_rollout_ref.{role}.fsdp_config.model_dtype", "fp32")
         _set(cfg, "actor_rollout_ref.actor.fsdp_config.optimizer_offload", False)
-        _set(cfg, "actor_rollout_ref.actor.use_dynamic_bsz", False)
+        _set_default(cfg, "actor_rollout_ref.actor.use_dynamic_bsz", False, user_keys)
         _set(cfg, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", 16)
         _set(cfg, "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", 32)
         _set(cfg, "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio", 0.0)
