@@ -131,6 +131,8 @@ def teacher_logprobs(teacher_path: str, device: str) -> str:
             [r.to(device) for r in responses],
             chunk_size=CHUNK,
             pad_token_id=pad_token_id,
+            packed=False,  # right-padded rows in one forward (the default packs them)
+            max_tokens=None,
         )
         mask = padded["response_mask"].bool()
         padded_err = float((padded["log_probs"][mask] - ref).abs().max())
