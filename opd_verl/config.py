@@ -7,7 +7,10 @@ costs nothing. Every error names the field, the value and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +26,7 @@ OPSD_TEACHERS = ("frozen", "current", "ema")
 MISSING_SOLUTION = ("error", "skip")
 CPU_DEMO = ("auto", "true", "false")
 OPSD_ESTIMATOR = "opsd_in_actor"  # OPSD's advantage estimator (zeros: the loss is computed inside the actor)
+BAD_ROW_POLICIES = ("error", "skip")
 
 
 class OPDConfigError(ValueError):
@@ -100,6 +104,11 @@ class OPSDConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    on_bad_row: str = "error"
+
+
+@dataclass(frozen=True)
 class OPDConfig:
     cpu_demo: str = "auto"
     signal: SignalConfig = field(default_factory=SignalConfig)
@@ -109,6 +118,7 @@ class OPDConfig:
     task_coef: float = 0.0
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     opsd: OPSDConfig = field(default_factory=OPSDConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     @property
     def needs_reference(self) -> bool:
@@ -213,13 +223,6 @@ def _parse_teachers(raw: dict, signal: SignalConfig, reference: ReferenceConfig)
         if entry is None:  # `~opd.teachers.models.NAME` style removal
             continue
         mp = f"{p}models.{name}."
-        unknown = set(entry) - {"path", "route", "lam", "reference_path"}
-        if unknown:
-            _fail(
-                f"{mp}{sorted(unknown)[0]}",
-                entry[sorted(unknown)[0]],
-                "allowed keys are path, route, lam, reference_path",
-            )
         lam = signal.lam if entry.get("lam") is None else _number(entry, "lam", mp, low=0.0, low_open=True)
         if signal.name != "gopd" and lam != 1.0:
             _fail(f"{mp}lam", lam, f"lam applies to signal.name=gopd only (got signal.name={signal.name})")
@@ -415,10 +418,55 @@ def parse_cpu_demo(value: Any) -> str:
     return _choice({"cpu_demo": value}, "cpu_demo", "", CPU_DEMO)
 
 
+def _known_keys(cls) -> dict[str, Any]:
+    """Field name -> nested schema of a config dataclass: a dataclass, ``("mapping", cls)`` for a name -> entry
+    mapping (a tuple of dataclasses keyed by their ``name``), or None for a plain value."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        if dataclasses.is_dataclass(hint):
+            out[f.name] = hint
+        elif typing.get_origin(hint) is tuple and args and dataclasses.is_dataclass(args[0]):
+            out[f.name] = ("mapping", args[0])
+        else:
+            out[f.name] = None
+    return out
+
+
+def unknown_keys(raw: Any, cls: type | None = None, prefix: str = "opd.", skip: tuple[str, ...] = ()) -> list[str]:
+    """Messages for every key of a raw config dict that the dataclass schema `cls` (default `OPDConfig`) lacks.
+
+    Each message names the full key (e.g. ``opd.signal.lamm``) and the closest known key (difflib) or, with none
+    close, the known keys. Entries of a name -> entry mapping (``opd.teachers.models.NAME``) are checked against
+    the entry's fields except ``name``.
+    """
+    cls = OPDConfig if cls is None else cls
+    if not isinstance(raw, dict):
+        return []
+    known = {k: v for k, v in _known_keys(cls).items() if k not in skip}
+    out = []
+    for key, value in raw.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(known)}"
+            out.append(f"{prefix}{key} is not a known key ({hint})")
+        elif isinstance(known[key], tuple) and isinstance(value, dict):  # name -> entry mapping
+            for name, entry in value.items():
+                out += unknown_keys(entry, known[key][1], f"{prefix}{key}.{name}.", skip=("name",))
+        elif known[key] is not None:
+            out += unknown_keys(value, known[key], f"{prefix}{key}.")
+    return out
+
+
 def parse_opd_section(raw: dict, cfg: DictConfig | None = None) -> OPDConfig:
     """Validate a plain-dict `opd` section; `cfg` (the whole config) enables the checks against veRL fields."""
     if not isinstance(raw, dict):
         raise OPDConfigError("the `opd` config section is missing; compose from opd_verl's opd_trainer config")
+    unknown = unknown_keys(raw)
+    if unknown:
+        raise OPDConfigError("; ".join(unknown) + ". Keys added with `+` must exist in the opd section's schema.")
     cpu_demo = parse_cpu_demo(raw.get("cpu_demo"))
     signal = _parse_signal(raw.get("signal") or {})
     ref_raw = raw.get("reference") or {}
@@ -437,6 +485,7 @@ def parse_opd_section(raw: dict, cfg: DictConfig | None = None) -> OPDConfig:
         task_coef=_number(raw, "task_coef", ""),
         teachers=_parse_teachers(raw.get("teachers") or {}, signal, reference),
         opsd=_parse_opsd(raw.get("opsd") or {}),
+        data=DataConfig(on_bad_row=_choice(raw.get("data") or {}, "on_bad_row", "data.", BAD_ROW_POLICIES)),
     )
     _cross_checks(opd, cfg)
     return opd

@@ -102,6 +102,16 @@ def launch(cfg: DictConfig, opd: OPDConfig) -> None:
         summarize_run(cfg)
 
 
+def check_inputs(cfg: DictConfig, opd: OPDConfig) -> None:
+    """Model paths, tokenizers and data files, in the driver (opd_verl.model_check, opd_verl.data_check)."""
+    from opd_verl.data_check import check_data
+    from opd_verl.model_check import check_model_paths, check_tokenizers
+
+    check_model_paths(cfg, opd)
+    check_tokenizers(cfg, opd)
+    check_data(cfg, opd)
+
+
 def check_opsd_data(cfg: DictConfig, opd: OPDConfig) -> None:
     """OPSD: every training row has a problem and a reference solution (error names file, row and column)."""
     from opd_verl.opsd.inputs import check_solutions_in_files
@@ -132,13 +142,15 @@ def check(cfg: DictConfig) -> tuple[DictConfig, OPDConfig]:
 
 
 def run(cfg: DictConfig) -> None:
-    from opd_verl.opsd.inputs import OPSDDataError
+    from opd_verl.data_check import DataError
+    from opd_verl.workers.tokenizer_check import TokenizerMismatchError
 
     try:
         cfg, opd = check(cfg)
-    except OPDConfigError as err:
+        check_inputs(cfg, opd)  # files on disk: after `check`, so dry runs without the models and data skip it
+    except (OPDConfigError, TokenizerMismatchError) as err:
         sys.exit(f"opd_verl: invalid config: {err}")
-    except OPSDDataError as err:
+    except DataError as err:
         sys.exit(f"opd_verl: invalid data: {err}")
     launch(cfg, opd)
 

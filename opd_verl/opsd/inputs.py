@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from opd_verl.data_check import DataError, iter_rows
+
 __all__ = [
     "MISSING_POLICIES",
     "OPSDDataError",
@@ -32,7 +34,7 @@ __all__ = [
 MISSING_POLICIES = ("error", "skip")
 
 
-class OPSDDataError(ValueError):
+class OPSDDataError(DataError):
     """A dataset row lacks a field OPSD needs (named with the row index and the column)."""
 
 
@@ -185,18 +187,15 @@ def check_solutions_in_files(
     solution_key: str,
     missing_solution: str = "error",
 ) -> dict[str, Any]:
-    """Run :func:`check_solutions` over parquet files (veRL's ``data.train_files``) and count the outcome.
+    """Run :func:`check_solutions` over parquet files (veRL's ``data.train_files``), streamed, and count the outcome.
 
     Returns:
         ``{"rows": int, "with_context": int, "skipped": int, "flags": {file: list[bool]}}``.
     """
-    import pyarrow.parquet as pq
-
     paths = [files] if isinstance(files, str) else list(files)
     report: dict[str, Any] = {"rows": 0, "with_context": 0, "skipped": 0, "flags": {}}
     for path in paths:
-        rows = pq.read_table(path).to_pylist()
-        flags = check_solutions(rows, problem_key, solution_key, missing_solution, source=str(path))
+        flags = check_solutions(iter_rows(path), problem_key, solution_key, missing_solution, source=str(path))
         report["flags"][str(path)] = flags
         report["rows"] += len(flags)
         report["with_context"] += sum(flags)

@@ -4,7 +4,7 @@ Registered as ``opd_sync`` (`opd_verl.trainer.base.PluginTrainer`). Each step it
 (``opd.teachers.routing_key``), has each teacher (and a reward-correction base model) score them where the data lives,
 and computes the advantages with one `compose_advantages` call, per-row lam included; with the release rule the
 actor's own old-log-prob forward also yields the student's top-K ids. Teachers and references must share the
-student's tokenizer, checked before any worker starts.
+student's tokenizer, checked in the driver (`opd_verl.model_check`).
 """
 
 from __future__ import annotations
@@ -127,24 +127,6 @@ class OPDTrainer(PluginTrainer):
                     "teacher servers) also does: use opd.teachers.kind=local with distillation.enabled=false"
                 )
 
-    def _reference_paths(self) -> list[str | None]:
-        """Per teacher: its reward-correction base model path, or None (student-init reference or lam == 1)."""
-        out = []
-        for t in self.opd.teachers.models:
-            use_base = self.opd.signal.name == "gopd" and t.lam != 1.0 and t.reference_path
-            out.append(t.reference_path if use_base else None)
-        return out
-
-    def _check_tokenizers(self) -> None:
-        from opd_verl.workers.tokenizer_check import check_same_tokenizers
-
-        models = {"the student": self.config.actor_rollout_ref.model.path}
-        for t, ref in zip(self.opd.teachers.models, self._reference_paths(), strict=True):
-            models[f"teacher {t.name}"] = t.path
-            if ref:
-                models[f"the reference of teacher {t.name}"] = ref
-        check_same_tokenizers(models)
-
     # ------------------------------------------------------------------ setup
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
@@ -155,8 +137,6 @@ class OPDTrainer(PluginTrainer):
             self.resource_pool_manager.mapping[ROLE_NAME] = POOL_NAME
 
     def _setup(self):
-        if self.uses_local_teachers:
-            self._check_tokenizers()  # before any worker (and any device memory)
         super()._setup()
         if self.uses_local_teachers:
             self._init_forward_workers()
@@ -164,6 +144,7 @@ class OPDTrainer(PluginTrainer):
             self._install_student_topk_loss()
 
     def _forward_worker_configs(self) -> dict[str, dict]:
+        from opd_verl.model_check import reference_paths
         from opd_verl.workers.forward_worker import forward_worker_config
 
         teachers, release = self.opd.teachers, self.opd.release
@@ -178,7 +159,7 @@ class OPDTrainer(PluginTrainer):
         configs = {}
         self._teacher_refs = []
         ref_keys: dict[str, str] = {}
-        for i, (t, ref) in enumerate(zip(teachers.models, self._reference_paths(), strict=True)):
+        for i, (t, ref) in enumerate(zip(teachers.models, reference_paths(self.opd), strict=True)):
             configs[f"teacher{i}"] = forward_worker_config(
                 t.path,
                 TEACHER_PREFIX,
