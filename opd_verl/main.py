@@ -94,8 +94,13 @@ def launch(cfg: DictConfig, opd: OPDConfig) -> None:
         from opd_verl.cpu_port.ray_setup import check_cpu_runtime
 
         check_cpu_runtime(cfg)
+    import ray
+
+    from opd_verl.trainer.preemption import handlers_kept_through
+
     install_preemption_handlers(cfg)
-    run_ppo(cfg, task_runner_class=_task_runner(opd))
+    with handlers_kept_through(ray, "init"):  # Ray's own SIGTERM handler must not take TERM from the plugin
+        run_ppo(cfg, task_runner_class=_task_runner(opd))
     if cpu_shims_active() and str(cfg.opd.get("cpu_demo", "")) == "true":
         from opd_verl.demo.summary import summarize_run
 

@@ -3,7 +3,6 @@ parsed ``opd:`` config, plugin state saved beside veRL's checkpoints, and preemp
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -13,12 +12,11 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from opd_verl.config import OPDConfig, load_opd_config
 from opd_verl.trainer import preemption
+from opd_verl.trainer.checkpoints import STATE_FILE
 
 __all__ = ["PluginTrainer", "STATE_FILE"]
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "opd_state.json"
 
 
 class PluginTrainer(PPOTrainerSync):
@@ -42,33 +40,56 @@ class PluginTrainer(PPOTrainerSync):
 
     # ------------------------------------------------------------------ checkpoints and preemption
     def _save_checkpoint(self):
-        super()._save_checkpoint()
-        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+        """veRL's save with the plugin state first and the completeness manifest last (`checkpoints`); the pointer
+        is rewritten only after the manifest."""
+        from opd_verl.trainer.checkpoints import MANIFEST, write_json, write_manifest, write_pointer
+
+        root = self.config.trainer.default_local_dir
+        folder = os.path.join(root, f"global_step_{self.global_steps}")
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, STATE_FILE), "w") as f:
-            json.dump({**self.opd_state, "global_step": int(self.global_steps)}, f)
+        if os.path.exists(os.path.join(folder, MANIFEST)):
+            os.remove(os.path.join(folder, MANIFEST))  # a step saved again is incomplete until its new manifest
+        write_json(os.path.join(folder, STATE_FILE), {**self.opd_state, "global_step": int(self.global_steps)})
+        super()._save_checkpoint()
+        if not self.config.actor_rollout_ref.actor.get("checkpoint", {}).get("async_save", False):
+            write_manifest(folder)
+            write_pointer(root, self.global_steps)
         self._saved_step = self.global_steps
 
     def _load_checkpoint(self):
-        super()._load_checkpoint()
+        """veRL's resume from the newest complete step (an incomplete newest step is skipped with a warning), then
+        the plugin state; says what was restored."""
+        from verl.utils import tracking
+
+        from opd_verl.trainer.checkpoints import ResumedFileLogger, choose_resume_folder, load_state
+
+        trainer = self.config.trainer
+        mode, given = trainer.resume_mode, trainer.get("resume_from_path")
+        folder, skipped = (given if mode == "resume_path" else None), []
+        if mode == "auto":
+            folder, skipped = choose_resume_folder(os.path.abspath(os.path.expanduser(trainer.default_local_dir)))
+            for bad, why in skipped:
+                print(f"opd_verl: WARNING: skipping the incomplete checkpoint {bad} ({why}); resuming from {folder}")
+        if skipped:  # veRL's own resume, pointed at the complete step
+            with open_dict(self.config):
+                trainer.resume_mode, trainer.resume_from_path = "resume_path", folder
+        try:
+            super()._load_checkpoint()
+        finally:
+            with open_dict(self.config):
+                trainer.resume_mode, trainer.resume_from_path = mode, given
         if not self.global_steps:
             return
-        folder = self._resume_folder()
-        path = None if folder is None else os.path.join(folder, STATE_FILE)
-        if path and os.path.exists(path):
-            with open(path) as f:
-                state = json.load(f)
+        path = os.path.join(folder, STATE_FILE)
+        if os.path.exists(path):
+            state = load_state(path)
             self.opd_state.update({k: v for k, v in state.items() if k != "global_step"})
-            logger.info("opd_verl: restored plugin state %s from %s", self.opd_state, path)
+            restored = f"plugin state {self.opd_state} from {path}"
         else:
-            logger.warning("opd_verl: no %s beside the resumed checkpoint; plugin state starts fresh", STATE_FILE)
-
-    def _resume_folder(self) -> str | None:
-        trainer = self.config.trainer
-        if trainer.resume_mode == "resume_path":
-            return trainer.resume_from_path
-        folder = os.path.join(trainer.default_local_dir, f"global_step_{self.global_steps}")
-        return folder if os.path.isdir(folder) else None
+            restored = f"WARNING: no {STATE_FILE} beside it: plugin state starts fresh"
+        print(f"opd_verl: resumed at step {self.global_steps} from {folder}; {restored}", flush=True)
+        ResumedFileLogger.resume_step = int(self.global_steps)
+        tracking.FileLogger = ResumedFileLogger  # the file logger fit() creates keeps the steps up to here
 
     def on_step_end(self):
         super().on_step_end()

@@ -22,6 +22,7 @@ explicitly. With neither, only the in-process flag is used (single-process runs)
 Public API (all functions are safe to call any number of times)::
 
     install_signal_handlers(flag_file=None, signals=DEFAULT_SIGNALS) -> None   # driver, main thread
+    handlers_kept_through(module, name) -> context manager                     # re-install after e.g. ray.init
     request_preemption(reason, flag_file=None) -> None                          # what the handler does
     preemption_requested(flag_file=None) -> bool                                # the flag, or the flag file
     should_save_and_exit(flag_file=None) -> bool                                # trainer, each step boundary
@@ -31,11 +32,13 @@ Public API (all functions are safe to call any number of times)::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "FLAG_FILE_ENV",
     "clear_preemption",
     "flag_file_path",
+    "handlers_kept_through",
     "install_signal_handlers",
     "preemption_reason",
     "preemption_requested",
@@ -104,6 +108,34 @@ def install_signal_handlers(
         raise RuntimeError("install_signal_handlers must be called from the main thread (Python signal rule)")
     for sig in signals:
         signal.signal(signal.Signals(sig), _handler)
+
+
+@contextlib.contextmanager
+def handlers_kept_through(
+    owner, name: str = "init", signals: Iterable[signal.Signals | int] = DEFAULT_SIGNALS
+) -> Iterator:
+    """Within the block, every call of ``owner.name`` re-installs the plugin's handlers when it returns.
+
+    ``ray.init`` installs Ray's own SIGTERM handler in the driver (``ray/_private/worker.py``: ``sys.exit``; with a
+    local head node, ``ray/_private/node.py``: stop Ray's processes and exit 1), which would take TERM from the
+    plugin: the run would end with nothing saved. veRL calls ``ray.init`` inside ``run_ppo``, so the driver runs
+    ``run_ppo`` in ``with handlers_kept_through(ray, "init"):``.
+    """
+    original = getattr(owner, name)
+    signals = tuple(signals)
+
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        finally:
+            install_signal_handlers(signals=signals)
+
+    setattr(owner, name, wrapped)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 def preemption_requested(flag_file: str | os.PathLike | None = None) -> bool:

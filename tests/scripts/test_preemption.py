@@ -155,3 +155,33 @@ def test_real_subprocess_signal_saves_and_exits_cleanly(tmp_path, sig):
     assert int(step) >= 1
     assert reason == sig.name
     assert flag.exists() and flag.read_text().startswith(sig.name)
+
+
+def test_term_survives_ray_init_in_the_driver(monkeypatch, tmp_path):
+    """`opd_verl.main.launch`: Ray's own SIGTERM handler (installed by `ray.init` inside veRL's `run_ppo`) does not
+    take TERM from the plugin; TERM after start-up is a preemption request and the driver lives on."""
+    import ray
+    import verl.trainer.main_ppo as main_ppo
+    from omegaconf import OmegaConf
+
+    import opd_verl.main as main
+
+    def ray_like_init(*args, **kwargs):  # what ray/_private/worker.py does in ray.init
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+    seen = []
+
+    def fake_run_ppo(cfg, task_runner_class):
+        ray.init()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        seen.append(preemption.preemption_reason())
+
+    monkeypatch.setenv(preemption.FLAG_FILE_ENV, str(tmp_path / "flag"))
+    monkeypatch.setattr(ray, "init", ray_like_init)
+    monkeypatch.setattr(main_ppo, "run_ppo", fake_run_ppo)
+    monkeypatch.setattr(main, "validate_verl", lambda cfg: None)
+    monkeypatch.setattr(main, "_task_runner", lambda opd: None)
+    main.launch(OmegaConf.create({"opd": {"cpu_demo": "false"}}), None)
+    assert seen == ["SIGTERM"] and (tmp_path / "flag").exists()
+    assert ray.init is ray_like_init  # restored after the run

@@ -27,7 +27,10 @@ def trainer(tmp_path, monkeypatch):
     monkeypatch.setattr(PPOTrainer, "_load_checkpoint", fake_load)
     tr = object.__new__(OPDTrainer)
     tr.config = OmegaConf.create(
-        {"trainer": {"default_local_dir": str(tmp_path), "resume_mode": "auto", "resume_from_path": None}}
+        {
+            "trainer": {"default_local_dir": str(tmp_path), "resume_mode": "auto", "resume_from_path": None},
+            "actor_rollout_ref": {"actor": {"checkpoint": {}}},
+        }
     )
     tr.opd_state = {"advantage_step": 0, "teacher_calls": 0}
     tr._saved_step = None
