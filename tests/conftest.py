@@ -54,7 +54,7 @@ class DemoRun:
         return out
 
     def metrics(self) -> dict[int, dict]:
-        """The logged metrics by step (the file logger starts a new file per run); empty before the first step."""
+        """The logged metrics by step (a resumed run keeps the rows up to its checkpoint); empty before any step."""
         path = self.run_dir / "metrics.jsonl"
         by_step: dict[int, dict] = {}
         if path.exists():
