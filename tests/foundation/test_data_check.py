@@ -40,7 +40,7 @@ def _rows(n=11):
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    from opd_verl.cpu.tiny import build_tokenizer
+    from opd_verl.demo.tiny import build_tokenizer
 
     path = tmp_path_factory.mktemp("student")
     build_tokenizer(str(path))

@@ -99,7 +99,7 @@ def test_tokenizer_mismatch_names_the_field(compose_cfg):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Two tokenizer-only model dirs: the demo's byte-level tokenizer, and one with an extra special token."""
-    from opd_verl.cpu.tiny import build_tokenizer
+    from opd_verl.demo.tiny import build_tokenizer
 
     root = tmp_path_factory.mktemp("models")
     build_tokenizer(str(root / "student"))
