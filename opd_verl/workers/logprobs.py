@@ -43,6 +43,15 @@ DEFAULT_MAX_TOKENS = 16384
 _VOCAB_BLOCK = 8192
 
 
+def _mm_out_dtype(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out = hidden @ weight.T`` with float32 accumulation and output; False where torch has no such kernel."""
+    try:
+        torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
+    except (RuntimeError, TypeError, NotImplementedError):  # torch < 2.8, or no kernel for this dtype/device
+        return False
+    return True
+
+
 def _project_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """``out (m, V) float32 = hidden (m, H) @ weight (V, H).T + bias``, accumulated and stored in float32.
 
@@ -52,8 +61,8 @@ def _project_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
     """
     if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
         torch.mm(hidden, weight.t(), out=out)
-    elif hidden.is_cuda:
-        torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
+    elif hidden.is_cuda and _mm_out_dtype(hidden, weight, out):
+        pass
     else:
         h32 = hidden.float()
         for v0 in range(0, weight.shape[0], _VOCAB_BLOCK):
