@@ -170,25 +170,12 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
         _set(cfg, f"{rollout}.max_num_batched_tokens", 4096)
         _set(cfg, f"{rollout}.checkpoint_engine.backend", "naive")
 
-        # Teachers served by veRL's distillation teacher loop run on the HF teacher replica: either veRL's own
-        # distillation loss while the plugin's trainer is not installed, or the plugin's `kind=server` translation.
+        # Teachers served by veRL's distillation teacher loop (the plugin's `kind=server` translation) run on the
+        # HF teacher replica.
         teacher_inference = "distillation.teacher_models.teacher_model.inference"
         _set(cfg, f"{teacher_inference}.name", "hf")
         _set(cfg, f"{teacher_inference}.tensor_model_parallel_size", 1)
         _set(cfg, f"{teacher_inference}.dtype", "float32")
-        if use_builtin_distillation(cfg):
-            dist = "distillation"
-            _set(cfg, f"{dist}.enabled", True)
-            _set(cfg, f"{dist}.n_gpus_per_node", 1)
-            _set(cfg, f"{dist}.nnodes", 1)
-            _set(cfg, f"{dist}.teacher_models.teacher_model.model_path", assets.teacher_path)
-            _set(cfg, f"{dist}.distillation_loss.loss_mode", "k1")
-            _set(cfg, f"{dist}.distillation_loss.use_policy_gradient", True)
-            _set(cfg, f"{dist}.distillation_loss.use_task_rewards", False)
-            _set(cfg, "algorithm.adv_estimator", "grpo")
-            # veRL 0.9.1's policy-gradient distillation path passes `rollout_is_weights` on as a nested tensor,
-            # which its loss aggregation cannot mask: no rollout importance weights with the built-in loss.
-            _set(cfg, "algorithm.rollout_correction.rollout_is", None)
 
         # Trainer: one CPU "GPU" worker, console + file metrics, checkpoints in the run dir.
         _set(cfg, "trainer.device", "cpu")
@@ -208,25 +195,3 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
 
     apply_cpu_runtime(cfg, metrics_file=os.path.join(run_dir_of(cfg), "metrics.jsonl"))
     return cfg
-
-
-PLUGIN_TRAINER_MODULE = "opd_verl.trainer.opd_trainer"
-
-
-def plugin_trainer_available() -> bool:
-    """True when the plugin's trainer (which hands teacher/reference log-probs to its estimators) is installed."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(PLUGIN_TRAINER_MODULE) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def use_builtin_distillation(cfg: DictConfig) -> bool:
-    """True when the demo runs veRL's own distillation loss (k1 through the policy gradient) with the HF teacher
-    replica: only while the plugin's trainer, which hands teacher/reference log-probs to its estimators, is not
-    installed. With it, `opd.teachers.kind` decides (local: the plugin's teacher worker; server: veRL's teacher
-    servers, here the HF teacher replica).
-    """
-    return not plugin_trainer_available()

@@ -18,13 +18,12 @@ that veRL's agent loop stores with every trajectory.
 
 from __future__ import annotations
 
-import json
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from opd_verl.integration.adapters import STAGE_PARAMS_ENV
 from opd_verl.opsd.inputs import has_value, lookup_field, privileged_prompt_ids
 from opd_verl.opsd.loss import (
     OPSDLossParams,
@@ -35,7 +34,7 @@ from opd_verl.opsd.loss import (
 )
 from opd_verl.opsd.teacher import TeacherWeights
 
-__all__ = ["OPSDActorLoss", "OPSDSettings", "opsd_settings_from_env", "make_opsd_worker_class"]
+__all__ = ["OPSDActorLoss", "OPSDSettings", "make_opsd_worker_class"]
 
 _ROW_FIELDS = ("extra_info", "reward_model", "data_source")
 # teacher tokens per forward when the actor config gives no `ppo_max_token_len_per_gpu`
@@ -62,17 +61,6 @@ def loss_metric(loss: torch.Tensor, data, actor_config):
 
 class OPSDSettings(dict):
     """The ``opd.opsd`` section as a plain dict, plus ``chat_template_kwargs`` (veRL's data setting)."""
-
-
-def opsd_settings_from_env() -> OPSDSettings | None:
-    """The ``opsd`` part of ``$OPD_VERL_STAGE_PARAMS`` (JSON of the ``opd:`` section), or None when absent."""
-    raw = os.environ.get(STAGE_PARAMS_ENV)
-    if not raw:
-        return None
-    section = json.loads(raw)
-    if (section.get("signal") or {}).get("name") != "opsd":
-        return None
-    return OPSDSettings(section.get("opsd") or {}, chat_template_kwargs=section.get("chat_template_kwargs") or {})
 
 
 def _lengths(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -314,9 +302,6 @@ def make_opsd_worker_class():
         @register(dispatch_mode=Dispatch.ONE_TO_ALL)
         def init_model(self):
             super().init_model()
-            settings = opsd_settings_from_env()
-            if settings is not None and self._is_actor:
-                self._install_opsd(settings)
 
         @register(dispatch_mode=Dispatch.ONE_TO_ALL)
         def configure_opsd(self, settings: dict):
@@ -332,7 +317,7 @@ def make_opsd_worker_class():
             actor_config = omega_conf_to_dataclass(self.config.actor)
             actor_config.model_config = omega_conf_to_dataclass(self.config.model)
             tokenizer = actor_config.model_config.tokenizer
-            params = OPSDLossParams.from_config(_Attr(settings))
+            params = OPSDLossParams.from_config(SimpleNamespace(**settings))
             self.opsd_loss = OPSDActorLoss(module, teacher, params, tokenizer, settings, actor_config)
             self.actor.set_loss_fn(self.opsd_loss)
             if teacher.mode == "ema":
@@ -369,15 +354,3 @@ def make_opsd_worker_class():
                 self.opsd_loss.teacher.load_state_dict(state)
 
     return OPSDActorRolloutRefWorker
-
-
-class _Attr:
-    """Attribute view of a settings dict with the ``opd.opsd`` defaults."""
-
-    _DEFAULTS = {"loss": "full", "beta": 0.0, "temperature": 1.1, "pointwise_clip": 0.05, "topk": 50, "chunk_size": 512}
-
-    def __init__(self, settings: dict):
-        self._s = settings
-
-    def __getattr__(self, name):
-        return self._s.get(name, self._DEFAULTS.get(name))
