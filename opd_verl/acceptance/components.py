@@ -4,9 +4,9 @@ Each check runs on ``device`` ("cuda": bfloat16 with flash-attention where the t
 code with float32 and SDPA, at reduced sizes where noted) and returns its figure; a figure outside its bound raises
 :class:`~opd_verl.acceptance.report.CheckFailed`.
 
-- :func:`teacher_logprobs`: the teacher's log-probs of response tokens from last hidden states in chunks
-  (`opd_verl.workers.logprobs`), on rows of mixed length both padded and packed (veRL's remove-padding layout:
-  one row, position ids restarting per sequence), against log-softmax of the full HF logits of each row alone.
+- :func:`teacher_logprobs`: the teacher worker's log-probs of response tokens (`opd_verl.workers.logprobs`), on
+  rows of mixed length padded, packed (veRL's remove-padding layout: one row, position ids restarting per
+  sequence) and packed under a token budget, against log-softmax of the full HF logits of each row alone.
 - :func:`logprob_memory`: the memory of scoring one long row (16k tokens at vocabulary 152k on CUDA) within the
   bound of docs/teachers.md (one `[chunk, V]` float32 buffer and one projection of a chunk beyond the backbone).
 - :func:`student_topk_hook`: the student top-K hook (the release rule's logits processor) on packed rows against
@@ -28,7 +28,7 @@ from opd_verl.acceptance.report import CheckFailed
 from opd_verl.demo import task
 from opd_verl.opsd.loss import OPSDLossParams
 from opd_verl.opsd.teacher import TeacherWeights
-from opd_verl.workers.logprobs import backbone_hidden_states, chunked_logprobs, output_projection, response_logprobs
+from opd_verl.workers.logprobs import backbone_hidden_states, response_logprobs
 from opd_verl.workers.opsd_actor import OPSDActorLoss, OPSDSettings
 from opd_verl.workers.student_topk import StudentTopKLoss
 
@@ -46,6 +46,7 @@ __all__ = [
 ROW_SHAPES = ((7, 40), (23, 5), (3, 96), (12, 1), (40, 33))
 TOPK = 8
 CHUNK = 16  # log-prob chunk in the row checks: several chunks per batch, one ending mid-row
+BUDGET = 100  # tokens per forward in the budgeted layout: the 5 rows (13 to 99 tokens) need 3 or more forwards
 
 
 def attn_for(device: str, dtype: torch.dtype) -> str:
@@ -92,27 +93,10 @@ def _reference_logprobs(model, prompts, responses, device) -> list[torch.Tensor]
 
 
 @torch.no_grad()
-def _packed_logprobs(model, prompts, responses, device) -> list[torch.Tensor]:
-    seqs = [torch.cat([p, r]) for p, r in zip(prompts, responses, strict=True)]
-    ids, pos = packed_inputs(seqs, device)
-    hidden = backbone_hidden_states(model, ids, None, pos)[0]  # (nnz, H)
-    index, start = [], 0
-    for p, r in zip(prompts, responses, strict=True):
-        index.append(torch.arange(start + p.numel() - 1, start + p.numel() - 1 + r.numel()))
-        start += p.numel() + r.numel()
-    weight, bias = output_projection(model)
-    got = chunked_logprobs(
-        hidden[torch.cat(index).to(device)],
-        weight.to(hidden.dtype),
-        labels=torch.cat(responses).to(device),
-        chunk_size=CHUNK,
-        bias=None if bias is None else bias.to(hidden.dtype),
-    )["log_probs"]
-    return list(got.split([r.numel() for r in responses]))
-
-
 def teacher_logprobs(teacher_path: str, device: str) -> str:
-    """Padded and packed chunked log-probs vs the full-logits reference, bfloat16 and float32; figure: max errors.
+    """The teacher worker's log-probs (`response_logprobs`) vs the full-logits reference, in three layouts: rows
+    right-padded in one forward, packed in one forward, and packed in forwards of at most `BUDGET` tokens (veRL's
+    dynamic-batch grouping, as with ``use_dynamic_bsz``); bfloat16 and float32. Figure: the max errors.
 
     Bounds: 1e-3 in float32; 0.08 in bfloat16 (the backbone of a padded or packed batch and of a row alone round
     differently in bfloat16; log-probs of this model are about -5.6).
@@ -121,28 +105,29 @@ def teacher_logprobs(teacher_path: str, device: str) -> str:
 
     pad_token_id = AutoTokenizer.from_pretrained(teacher_path).pad_token_id
     prompts, responses = mixed_rows()
+    layouts = {"padded": {"packed": False}, "packed": {"packed": True}, f"budget {BUDGET}": {"max_tokens": BUDGET}}
     figures, errors = [], []
     for dtype, bound in ((torch.bfloat16, 0.08), (torch.float32, 1e-3)):
         model = _load(teacher_path, device, dtype)
         ref = torch.cat(_reference_logprobs(model, prompts, responses, device))
-        padded = response_logprobs(
-            model,
-            [p.to(device) for p in prompts],
-            [r.to(device) for r in responses],
-            chunk_size=CHUNK,
-            pad_token_id=pad_token_id,
-            packed=False,  # right-padded rows in one forward (the default packs them)
-            max_tokens=None,
-        )
-        mask = padded["response_mask"].bool()
-        padded_err = float((padded["log_probs"][mask] - ref).abs().max())
-        packed_err = float((torch.cat(_packed_logprobs(model, prompts, responses, device)) - ref).abs().max())
         if not torch.isfinite(ref).all():
             raise CheckFailed(f"{dtype}: reference log-probs are not finite")
+        errs = {}
+        for layout, kwargs in layouts.items():
+            out = response_logprobs(
+                model,
+                [p.to(device) for p in prompts],
+                [r.to(device) for r in responses],
+                chunk_size=CHUNK,
+                pad_token_id=pad_token_id,
+                **{"max_tokens": None, **kwargs},
+            )
+            errs[layout] = float((out["log_probs"][out["response_mask"].bool()] - ref).abs().max())
         name = str(dtype).replace("torch.", "")
-        figures.append(f"{name} ({attn_for(device, dtype)}) max err padded {padded_err:.1e} packed {packed_err:.1e}")
-        if not (padded_err <= bound and packed_err <= bound):
-            errors.append(f"{name}: max error padded {padded_err:.3g}, packed {packed_err:.3g} > {bound}")
+        shown = ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+        figures.append(f"{name} ({attn_for(device, dtype)}) max err {shown}")
+        if not all(e <= bound for e in errs.values()):
+            errors.append(f"{name}: max error {shown} > {bound}")
         del model
     figure = f"{sum(r.numel() for r in responses)} tokens in {len(responses)} rows; " + "; ".join(figures)
     if errors:
