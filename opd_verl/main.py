@@ -99,12 +99,19 @@ def launch(cfg: DictConfig, opd: OPDConfig) -> None:
     from opd_verl.trainer.preemption import handlers_kept_through
 
     install_preemption_handlers(cfg)
-    with handlers_kept_through(ray, "init"):  # Ray's own SIGTERM handler must not take TERM from the plugin
-        run_ppo(cfg, task_runner_class=_task_runner(opd))
-    if cpu_shims_active() and str(cfg.opd.get("cpu_demo", "")) == "true":
-        from opd_verl.demo.summary import summarize_run
+    demo = cpu_shims_active() and str(cfg.opd.get("cpu_demo", "")) == "true"
+    if not demo:
+        with handlers_kept_through(ray, "init"):  # Ray's own SIGTERM handler must not take TERM from the plugin
+            run_ppo(cfg, task_runner_class=_task_runner(opd))
+        return
+    from opd_verl.demo.console import StepPrinter
+    from opd_verl.demo.preset import metrics_file_of
+    from opd_verl.demo.summary import summarize_run
 
-        summarize_run(cfg)
+    with StepPrinter(metrics_file_of(cfg), int(cfg.trainer.total_training_steps)):
+        with handlers_kept_through(ray, "init"):  # Ray's own SIGTERM handler must not take TERM from the plugin
+            run_ppo(cfg, task_runner_class=_task_runner(opd))
+    summarize_run(cfg)
 
 
 def check_inputs(cfg: DictConfig, opd: OPDConfig) -> None:

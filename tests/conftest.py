@@ -14,7 +14,8 @@ class DemoRun:
     """Runs of ``python -m opd_verl.main +recipe=RECIPE opd.cpu_demo=true`` under one ``tmp_path``.
 
     Checkpoints and ``metrics.jsonl`` go to ``tmp_path/run``; run NAME logs to ``tmp_path/NAME.log`` and keeps its
-    Hydra files in ``tmp_path/hydra_NAME``.
+    Hydra files in ``tmp_path/hydra_NAME``. The demo's held-out evaluation (veRL's validation before training and
+    every ``trainer.test_freq`` steps) is off unless ``validate=True``: it logs a step-0 entry and costs time.
     """
 
     lock = HEAVY_LOCK
@@ -23,7 +24,8 @@ class DemoRun:
         self.tmp_path = tmp_path
         self.run_dir = tmp_path / "run"
 
-    def command(self, recipe: str, name: str, *overrides: str) -> list[str]:
+    def command(self, recipe: str, name: str, *overrides: str, validate: bool = False) -> list[str]:
+        no_validation = () if validate else ("trainer.val_before_train=false", "trainer.test_freq=-1")
         return [
             sys.executable,
             "-m",
@@ -32,17 +34,18 @@ class DemoRun:
             "opd.cpu_demo=true",
             f"trainer.default_local_dir={self.run_dir}",
             f"hydra.run.dir={self.tmp_path / ('hydra_' + name)}",
+            *no_validation,
             *overrides,
         ]
 
     def run(
-        self, recipe: str, name: str, *overrides: str, run_timeout_s: int, lock_wait_s: int
+        self, recipe: str, name: str, *overrides: str, run_timeout_s: int, lock_wait_s: int, validate: bool = False
     ) -> subprocess.CompletedProcess:
         """One run holding the heavy-job lock (waiting at most ``lock_wait_s``) under a hard timeout, so a run that
         would wait for Ray resources fails instead of hanging; asserts that it exits 0."""
         lock = ["flock", "-w", str(lock_wait_s), self.lock, "timeout", str(run_timeout_s)]
         out = subprocess.run(
-            [*lock, *self.command(recipe, name, *overrides)],
+            [*lock, *self.command(recipe, name, *overrides, validate=validate)],
             capture_output=True,
             text=True,
             cwd=str(self.tmp_path),

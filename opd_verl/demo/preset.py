@@ -3,13 +3,18 @@
 `maybe_apply_cpu_demo(cfg)` reads `opd.cpu_demo` (auto | true | false). With `auto` the preset applies when no CUDA
 device is present; with `true` always; with `false` never. The preset
 
-- builds (once, cached under the user's cache dir) the addition data set, a fresh tiny student and an SFT-trained
-  tiny teacher (`opd_verl.demo.assets`),
+- picks the task variant (`opd_verl.demo.task`): `worked` (one line per digit with the carries, then the answer)
+  when the recipe enables the release rule, which needs responses of several sentences, else `sums`,
+- builds (once, cached under the user's cache dir) that variant's addition data set, a briefly trained tiny
+  student, an SFT-trained tiny teacher and the teacher's held-out greedy accuracy (`opd_verl.demo.assets`),
 - points data, student, teacher (both `opd.teachers.models.default.path` and veRL's built-in
   `distillation.teacher_models`) and the reward function at them,
 - applies the settings veRL's trainer needs on CPU (strategy fsdp2, sdpa attention, no remove-padding, fp32,
   `hf` rollout, gloo, logical Ray GPUs, one TransferQueue storage unit) and small batch sizes and lengths,
-- sends per-step metrics to the console and to `<run dir>/metrics.jsonl` (for the end-of-run summary and plot).
+- evaluates the student's greedy accuracy on the held-out problems through veRL's validation before training and
+  every `trainer.test_freq` steps, and copies the teacher's (the ceiling) into the run dir,
+- keeps the console to a progress bar, one line per step and the summary (`opd_verl.demo.console`); every metric
+  goes to `<run dir>/metrics.jsonl` (for the end-of-run summary and plot).
 
 Values the user gave on the command line for the demo's tunables (`trainer.total_training_steps`, batch sizes, lr,
 lengths) win over the preset; the recipe's values for those (sized for GPU runs) do not. CPU-mandatory settings
@@ -19,11 +24,12 @@ always apply.
 from __future__ import annotations
 
 import os
+import shutil
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from opd_verl.config import parse_cpu_demo
-from opd_verl.demo import task
+from opd_verl.demo import console, task
 
 DEMO_EXPERIMENT_PREFIX = "cpu_demo"
 
@@ -32,6 +38,7 @@ DEMO_LORA_RANK = 8
 # Sizes of the demo run (2-core CPU; a few seconds a step after start-up): 16 prompts x 4 samples, one update a step.
 # lr 3e-4: (Ex)OPD's per-token advantages are mostly negative (no baseline), and with lr 1e-3 and 2 samples a prompt
 # the student's reverse KL to the teacher rose over the run instead of falling.
+# Held-out greedy accuracy (veRL's validation) before training and every 10 steps.
 DEMO_DEFAULTS = {
     "data.train_batch_size": 16,
     "data.max_prompt_length": 32,
@@ -40,7 +47,16 @@ DEMO_DEFAULTS = {
     "actor_rollout_ref.actor.ppo_mini_batch_size": 16,
     "actor_rollout_ref.actor.optim.lr": 3.0e-4,
     "trainer.total_training_steps": 50,
+    "trainer.test_freq": 10,
 }
+# The worked variant's responses: 3 digit lines of up to 16 characters and the answer line, ~60 tokens; its steps
+# take longer, so fewer of them keep the run within ~10 minutes on 2 cores.
+VARIANT_DEFAULTS = {"worked": {"data.max_response_length": 64, "trainer.total_training_steps": 30}}
+
+
+def task_variant(cfg: DictConfig) -> str:
+    """`worked` when the release rule is on (it needs several sentences a response), else `sums`."""
+    return "worked" if OmegaConf.select(cfg, "opd.release.enabled", default=False) else "sums"
 
 
 def cpu_demo_mode(cfg: DictConfig) -> str:
@@ -108,8 +124,9 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
     from opd_verl.demo.assets import ensure_demo_assets
 
     if assets is None:
-        assets = ensure_demo_assets()
+        assets = ensure_demo_assets(variant=task_variant(cfg))
     user_keys = command_line_keys()
+    console.silence_known_driver_warnings()
 
     with open_dict(cfg):
         # Demo data, models and reward.
@@ -124,9 +141,12 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
         _set(cfg, "reward.custom_reward_function.path", os.path.abspath(task.__file__))
         _set(cfg, "reward.custom_reward_function.name", "compute_score")
         _set(cfg, "reward.num_workers", 1)
-        for key, value in DEMO_DEFAULTS.items():
+        for key, value in {**DEMO_DEFAULTS, **VARIANT_DEFAULTS.get(assets.variant, {})}.items():
             _set_default(cfg, key, value, user_keys)
-        _set(cfg, "data.val_batch_size", 64)
+        # Held-out evaluation: greedy, one sample a problem, the whole validation file at once.
+        _set(cfg, "actor_rollout_ref.rollout.val_kwargs.do_sample", False)
+        _set(cfg, "actor_rollout_ref.rollout.val_kwargs.temperature", 0.0)
+        _set(cfg, "actor_rollout_ref.rollout.val_kwargs.n", 1)
 
         # Model / engine settings veRL needs on CPU.
         model = "actor_rollout_ref.model"
@@ -182,8 +202,7 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
         _set(cfg, "trainer.nnodes", 1)
         _set(cfg, "trainer.n_gpus_per_node", 1)
         _set(cfg, "trainer.logger", ["console", "file"])
-        _set(cfg, "trainer.val_before_train", False)
-        _set_default(cfg, "trainer.test_freq", -1, user_keys)
+        _set_default(cfg, "trainer.val_before_train", True, user_keys)
         _set_default(cfg, "trainer.save_freq", -1, user_keys)
         _set(cfg, "trainer.balance_batch", False)
         _set(cfg, "trainer.v1.trainer_mode", "sync")
@@ -193,5 +212,20 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
         _set(cfg, "trainer.default_local_dir", run_dir_of(cfg))
         _set(cfg, "opd.cpu_demo", "true")
 
-    apply_cpu_runtime(cfg, metrics_file=os.path.join(run_dir_of(cfg), "metrics.jsonl"))
+        # Quiet console (opd_verl.demo.console): worker output stays in Ray's logs unless the user asks for it;
+        # TransferQueue's thread count fits the machine.
+        _set_default(cfg, "ray_kwargs.ray_init.log_to_driver", False, user_keys)
+        quiet_env = console.quiet_environment()
+        os.environ.update(quiet_env)
+        for name, value in quiet_env.items():
+            _set(cfg, f"ray_kwargs.ray_init.runtime_env.env_vars.{name}", value)
+
+    run_dir = run_dir_of(cfg)
+    apply_cpu_runtime(cfg, metrics_file=os.path.join(run_dir, "metrics.jsonl"))
+    if os.path.exists(assets.teacher_eval_file):
+        shutil.copyfile(assets.teacher_eval_file, os.path.join(run_dir, os.path.basename(assets.teacher_eval_file)))
     return cfg
+
+
+def metrics_file_of(cfg: DictConfig) -> str:
+    return os.path.join(run_dir_of(cfg), "metrics.jsonl")

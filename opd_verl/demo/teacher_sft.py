@@ -1,6 +1,7 @@
 """Supervised fine-tuning of the demo models on the addition task (plain torch, CPU; ~30 s for the teacher).
 
-Both models see the same chat-formatted prompts the trainer will use and learn the answer tokens plus `<|im_end|>`
+Both models see the same chat-formatted prompts the trainer will use and learn the row's target response
+(`extra_info.solution`: the sum, or the worked solution) plus `<|im_end|>`
 (loss on response tokens only). The result is saved over the initial weights in place. Training runs a fixed
 number of steps by default (`max_seconds=None`): a wall-clock cut-off would make the cached models depend on how
 busy the machine was while they were built.
@@ -20,7 +21,7 @@ def _encode(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     seqs, masks = [], []
     for row in rows:
         prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
-        answer = row["reward_model"]["ground_truth"] + tokenizer.eos_token
+        answer = row["extra_info"]["solution"] + tokenizer.eos_token
         p_ids = tokenizer.encode(prompt, add_special_tokens=False)
         a_ids = tokenizer.encode(answer, add_special_tokens=False)
         seqs.append(p_ids + a_ids)
@@ -46,23 +47,35 @@ def response_nll(model, ids: torch.Tensor, mask: torch.Tensor, label_smoothing: 
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 6) -> float:
-    """Fraction of rows whose greedy answer is exactly right (task reward of the greedy policy)."""
-    from opd_verl.cpu_port.hf_rollout import sample_tokens
+def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int | None = None) -> float:
+    """Fraction of rows whose greedy answer is exactly right (task reward of the greedy policy).
 
+    `max_new_tokens` defaults to the longest target response plus 2."""
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tokenizer.encode(r["extra_info"]["solution"], add_special_tokens=False)) for r in rows)
+        max_new_tokens += 2
+    from opd_verl.cpu_port.hf_rollout import sample_batch
+
+    prompts = [
+        tokenizer.encode(
+            tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )
+        for row in rows
+    ]
     correct = 0
-    for row in rows:
-        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
-        ids, _ = sample_tokens(
+    for start in range(0, len(rows), 64):  # left-padded greedy generation, 64 rows a call
+        out = sample_batch(
             model,
-            tokenizer.encode(prompt, add_special_tokens=False),
+            prompts[start : start + 64],
             max_new_tokens,
             temperature=0,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        text = tokenizer.decode(ids, skip_special_tokens=False)
-        correct += task.compute_score(task.DATA_SOURCE, text, row["reward_model"]["ground_truth"])
+        for row, (ids, _) in zip(rows[start : start + 64], out):
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            correct += task.compute_score(row["data_source"], text, row["reward_model"]["ground_truth"])
     return correct / max(len(rows), 1)
 
 
@@ -118,3 +131,13 @@ def train_teacher(
     )
     model.save_pretrained(model_dir)
     return stats
+
+
+def evaluate_teacher(model_dir: str, val_file: str) -> float:
+    """Greedy accuracy of the model in `model_dir` on every row of `val_file` (the demo's held-out problems)."""
+    import pandas as pd
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return greedy_accuracy(model, tokenizer, pd.read_parquet(val_file).to_dict("records"))

@@ -289,7 +289,7 @@ def _weight_metrics(weights: torch.Tensor | None, mask: torch.Tensor, n_valid: f
 
 def _release_metrics(result: ReleaseResult) -> dict[str, float]:
     """Acceptance rate, mean kept fraction, mean BIC gain (where defined) and mean sentence count over the rows
-    with at least one valid token."""
+    with at least one valid token, and the mean release point (first released token) over the released rows."""
     rows = result.n_valid > 0
     if not bool(rows.any()):
         return {
@@ -308,4 +308,8 @@ def _release_metrics(result: ReleaseResult) -> dict[str, float]:
     }
     if bool(defined.any()):
         metrics["opd/release/gain"] = float(result.gain[defined].mean())
+    accepted = result.accepted & rows
+    if bool(accepted.any()):
+        # where the released rows were cut: the first zeroed token's position, mean over the released rows
+        metrics["opd/release/point_token"] = float(result.release_index[accepted].double().mean())
     return metrics

@@ -25,13 +25,14 @@ def _compose(*overrides):
         return compose(config_name="opd_trainer", overrides=list(overrides))
 
 
-def _assets(tmp_path):
+def _assets(tmp_path, variant="sums"):
     return DemoAssets(
         root=str(tmp_path),
         train_file=str(tmp_path / "train.parquet"),
         val_file=str(tmp_path / "val.parquet"),
         student_path=str(tmp_path / "student"),
         teacher_path=str(tmp_path / "teacher"),
+        variant=variant,
     )
 
 
@@ -87,3 +88,32 @@ def test_cpu_demo_switch():
     cfg = _compose("opd.cpu_demo=maybe")
     with pytest.raises(ValueError, match="opd.cpu_demo=.maybe. is not allowed: allowed values are auto, true, false"):
         cpu_demo_mode(cfg)
+
+
+def test_preset_quiet_console_and_held_out_evaluation(tmp_path, restore_env, monkeypatch):
+    from opd_verl.demo import console
+
+    monkeypatch.setattr(console, "physical_cores", lambda: 3)
+    (tmp_path / "teacher_eval.json").write_text('{"greedy_accuracy": 0.75}')
+    cfg = apply_cpu_demo(
+        _compose("+recipe=exopd", "trainer.default_local_dir=" + str(tmp_path / "run")), _assets(tmp_path)
+    )
+    # TransferQueue's thread count is the machine's physical cores, in the driver and in every Ray worker.
+    assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.TQ_NUM_THREADS == "3" and os.environ["TQ_NUM_THREADS"] == "3"
+    assert cfg.ray_kwargs.ray_init.log_to_driver is False
+    # veRL's validation: greedy, one sample, before training and every test_freq steps.
+    assert cfg.trainer.val_before_train is True and cfg.trainer.test_freq == 10
+    val = cfg.actor_rollout_ref.rollout.val_kwargs
+    assert val.do_sample is False and val.temperature == 0.0 and val.n == 1
+    # The teacher's held-out accuracy (the ceiling) travels into the run dir for the summary.
+    assert (tmp_path / "run" / "teacher_eval.json").read_text() == '{"greedy_accuracy": 0.75}'
+
+
+def test_release_recipes_use_the_worked_task_variant(tmp_path, restore_env):
+    from opd_verl.demo.preset import task_variant
+
+    for recipe, variant in (("exopd", "sums"), ("iw_opd", "sums"), ("prefix_release", "worked")):
+        assert task_variant(_compose(f"+recipe={recipe}")) == variant
+    assert task_variant(_compose("+recipe=exopd_iw_release")) == "worked"
+    cfg = apply_cpu_demo(_compose("+recipe=prefix_release"), _assets(tmp_path, "worked"))
+    assert cfg.data.max_response_length == 64 and cfg.data.train_batch_size == 16

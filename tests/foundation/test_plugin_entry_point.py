@@ -57,12 +57,50 @@ import opd_verl.integration.plugin
 def test_entry_point_lets_verl_build_models_beside_trl():
     # TRL 1.x (the test extra) has no value-head model; veRL's model patching would import it and fail.
     code = """
+import sys
 import verl
 from verl.models.transformers import monkey_patch
-print(monkey_patch.is_trl_available())
+print(monkey_patch.is_trl_available(), "trl" in sys.modules)
 """
     out = _run(code, VERL_USE_EXTERNAL_PLUGINS="opd_verl")
     assert out.returncode == 0, out.stderr[-3000:]
     from opd_verl.integration.trl_compat import trl_has_value_head
 
+    # TRL is a test oracle: loading the plugin neither imports it nor triggers its experimental-import warning.
+    assert out.stdout.strip().splitlines()[-1] == f"{trl_has_value_head()} False"
+    assert "TRLExperimentalWarning" not in out.stderr
+
+
+def test_value_head_check_agrees_with_importing_trl():
+    # Oracle: import the class the way veRL does (trl.experimental.ppo, then trl) in a fresh interpreter.
+    code = """
+try:
+    try:
+        from trl.experimental.ppo import AutoModelForCausalLMWithValueHead
+    except ImportError:
+        from trl import AutoModelForCausalLMWithValueHead
+    print(True)
+except ImportError:
+    print(False)
+"""
+    out = _run(code, TRL_EXPERIMENTAL_SILENCE="1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    from opd_verl.integration.trl_compat import trl_has_value_head
+
     assert out.stdout.strip().splitlines()[-1] == str(trl_has_value_head())
+
+
+def test_value_head_check_reads_both_export_sites(tmp_path, monkeypatch):
+    from opd_verl.integration import trl_compat
+
+    (tmp_path / "experimental" / "ppo").mkdir(parents=True)
+    (tmp_path / "__init__.py").write_text("from .trainer import SFTTrainer\n")
+    monkeypatch.setattr(trl_compat, "_trl_dir", lambda: str(tmp_path))
+    assert not trl_compat.trl_has_value_head()
+    (tmp_path / "experimental" / "ppo" / "__init__.py").write_text(
+        "from .modeling_value_head import AutoModelForCausalLMWithValueHead\n"
+    )
+    assert trl_compat.trl_has_value_head()
+    (tmp_path / "experimental" / "ppo" / "__init__.py").unlink()
+    (tmp_path / "__init__.py").write_text('_import_structure = {"models": ["AutoModelForCausalLMWithValueHead"]}\n')
+    assert trl_compat.trl_has_value_head()

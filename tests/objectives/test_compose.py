@@ -85,6 +85,7 @@ def test_release_metrics_hand_worked():
     assert metrics["opd/release/kept_fraction"] == pytest.approx((0.5 + 1.0) / 2)
     assert metrics["opd/release/gain"] == pytest.approx(8 * math.log(50) - 2 * math.log(8), rel=1e-5)
     assert metrics["opd/release/gain_defined_rate"] == pytest.approx(0.5)
+    assert metrics["opd/release/point_token"] == 4.0  # row 0 released from its 5th token on; row 1 not released
     torch.testing.assert_close(out[0], torch.tensor([-2.0] * 4 + [0.0] * 4))
 
 

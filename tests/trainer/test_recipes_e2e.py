@@ -28,12 +28,13 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def base_model_dir(tmp_path_factory):
-    """The demo teacher before its SFT: the reward-correction base model of ``gopd_rc``."""
-    from opd_verl.demo.assets import HIDDEN_SIZE, NUM_LAYERS, TEACHER_INIT_SEED
+    """A randomly initialised model of the demo teacher's shape: the reward-correction base model of ``gopd_rc``."""
+    from opd_verl.demo.assets import TEACHER_INIT_SEED, VARIANT_SPECS
     from opd_verl.demo.tiny import build_tiny_qwen2
 
+    spec = VARIANT_SPECS["sums"]
     path = tmp_path_factory.mktemp("base") / "teacher_base"
-    return build_tiny_qwen2(str(path), HIDDEN_SIZE, NUM_LAYERS, seed=TEACHER_INIT_SEED)
+    return build_tiny_qwen2(str(path), spec.teacher_hidden, spec.teacher_layers, seed=TEACHER_INIT_SEED)
 
 
 @pytest.mark.parametrize("recipe", sorted(EXPECTED))
@@ -42,8 +43,17 @@ def test_recipe_trains_two_steps(demo_run, tmp_path, recipe, request):
     if recipe == "gopd_rc":
         overrides.append(f"opd.reference.path={request.getfixturevalue('base_model_dir')}")
     steps = ("trainer.total_training_steps=2", "trainer.save_freq=2")
-    demo_run.run(recipe, "run", *steps, *overrides, run_timeout_s=RUN_TIMEOUT_S, lock_wait_s=LOCK_WAIT_S)
+    # one recipe also runs the demo's held-out evaluation (veRL's validation before training and at the last step)
+    validate = recipe == "exopd"
+    demo_run.run(
+        recipe, "run", *steps, *overrides, run_timeout_s=RUN_TIMEOUT_S, lock_wait_s=LOCK_WAIT_S, validate=validate
+    )
     metrics = demo_run.metrics()
+    if validate:
+        held_out = "val-core/opd_demo/addition/acc/mean@1"
+        assert held_out in metrics.pop(0) and held_out in metrics[2]
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())["held_out_accuracy"]
+        assert 0.0 <= summary["before"] <= 1.0 and 0.0 < summary["teacher"] <= 1.0 and summary["after_step"] == 2
     assert sorted(metrics) == [1, 2]
     for step, data in metrics.items():
         for key in EXPECTED[recipe]:
