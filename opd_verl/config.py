@@ -16,6 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from opd_verl.health import HealthConfig, parse_health
+
 SIGNALS = ("opd", "gopd", "opsd")
 REFERENCE_KINDS = ("student_init", "base_model")
 WEIGHTINGS = ("none", "iw", "prefix_mask", "suffix_mask", "prefix_weight")
@@ -119,6 +121,7 @@ class OPDConfig:
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     opsd: OPSDConfig = field(default_factory=OPSDConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     @property
     def needs_reference(self) -> bool:
@@ -426,7 +429,9 @@ def _known_keys(cls) -> dict[str, Any]:
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         args = typing.get_args(hint)
-        if dataclasses.is_dataclass(hint):
+        if dataclasses.is_dataclass(hint) and getattr(hint, "parses_own_keys", False):
+            out[f.name] = None  # its parser checks its keys itself (opd.health)
+        elif dataclasses.is_dataclass(hint):
             out[f.name] = hint
         elif typing.get_origin(hint) is tuple and args and dataclasses.is_dataclass(args[0]):
             out[f.name] = ("mapping", args[0])
@@ -486,6 +491,7 @@ def parse_opd_section(raw: dict, cfg: DictConfig | None = None) -> OPDConfig:
         teachers=_parse_teachers(raw.get("teachers") or {}, signal, reference),
         opsd=_parse_opsd(raw.get("opsd") or {}),
         data=DataConfig(on_bad_row=_choice(raw.get("data") or {}, "on_bad_row", "data.", BAD_ROW_POLICIES)),
+        health=parse_health(raw.get("health"), OPDConfigError),
     )
     _cross_checks(opd, cfg)
     return opd

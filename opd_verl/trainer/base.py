@@ -1,5 +1,7 @@
 """What the plugin's two trainers share: veRL's synchronous v1 trainer run under the plugin's registered name, the
-parsed ``opd:`` config, plugin state saved beside veRL's checkpoints, and preemption at step boundaries."""
+parsed ``opd:`` config, plugin state saved beside veRL's checkpoints, preemption at step boundaries, and the
+teacher-health monitor's step-boundary side (``diagnostics.png``; a ``stop`` alarm: checkpoint, then
+`opd_verl.health.HealthAlarmError`)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ from omegaconf import DictConfig, open_dict
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from opd_verl.config import OPDConfig, load_opd_config
+from opd_verl.health import HealthAlarmError
 from opd_verl.trainer import preemption
 from opd_verl.trainer.checkpoints import STATE_FILE
+from opd_verl.trainer.health_monitor import HealthMonitor
 
 __all__ = ["PluginTrainer", "STATE_FILE"]
 
@@ -32,6 +36,8 @@ class PluginTrainer(PPOTrainerSync):
         self.opd: OPDConfig = load_opd_config(config)
         self.opd_state: dict[str, Any] = {"advantage_step": 0, "teacher_calls": 0}
         self._saved_step = None
+        run_dir = os.path.abspath(os.path.expanduser(str(config.trainer.default_local_dir)))
+        self.health = HealthMonitor(self.opd.health, self.opd, config.actor_rollout_ref.rollout.temperature, run_dir)
         super().__init__(config)
         self._check_supported()
 
@@ -49,6 +55,7 @@ class PluginTrainer(PPOTrainerSync):
         os.makedirs(folder, exist_ok=True)
         if os.path.exists(os.path.join(folder, MANIFEST)):
             os.remove(os.path.join(folder, MANIFEST))  # a step saved again is incomplete until its new manifest
+        self.opd_state.update(self.health.state())
         write_json(os.path.join(folder, STATE_FILE), {**self.opd_state, "global_step": int(self.global_steps)})
         super()._save_checkpoint()
         if not self.config.actor_rollout_ref.actor.get("checkpoint", {}).get("async_save", False):
@@ -84,6 +91,7 @@ class PluginTrainer(PPOTrainerSync):
         if os.path.exists(path):
             state = load_state(path)
             self.opd_state.update({k: v for k, v in state.items() if k != "global_step"})
+            self.health.load_state(self.opd_state)
             restored = f"plugin state {self.opd_state} from {path}"
         else:
             restored = f"WARNING: no {STATE_FILE} beside it: plugin state starts fresh"
@@ -93,6 +101,14 @@ class PluginTrainer(PPOTrainerSync):
 
     def on_step_end(self):
         super().on_step_end()
+        self.health.maybe_plot(self.global_steps, last=self.global_steps >= self.total_training_steps)
+        if self.health.stop_message is not None:
+            # an alarm with action=stop: the preemption path (checkpoint, leave the loop), then `fit` raises
+            if self._saved_step != self.global_steps:
+                self._save_checkpoint()
+            self.health.maybe_plot(self.global_steps, last=True)
+            self.total_training_steps = self.global_steps
+            return
         if preemption.should_save_and_exit():
             if self._saved_step != self.global_steps:
                 self._save_checkpoint()
@@ -102,3 +118,13 @@ class PluginTrainer(PPOTrainerSync):
                 self.global_steps,
             )
             self.total_training_steps = self.global_steps  # veRL's fit() leaves its loop after this step
+
+    def fit(self, *args, **kwargs):
+        out = super().fit(*args, **kwargs)
+        if self.health.stop_message is not None:
+            raise HealthAlarmError(
+                f"{self.health.stop_message}. Checkpoint of step {self._saved_step} saved in "
+                f"{self.config.trainer.default_local_dir}; to go on, set the alarm's action to warn (or fix the "
+                "cause) and resume with trainer.resume_mode=auto"
+            )
+        return out

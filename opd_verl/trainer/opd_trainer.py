@@ -96,6 +96,7 @@ class OPDTrainer(PluginTrainer):
     def __init__(self, config: DictConfig):
         self.forward_wgs: dict[str, Any] = {}
         self._teacher_refs: list[str | None] = []
+        self._scored_temperatures: dict[str, float] = {}
         super().__init__(config)
 
     # ------------------------------------------------------------------ configuration
@@ -255,7 +256,7 @@ class OPDTrainer(PluginTrainer):
         fields = ["prompts", "responses", "response_mask"]
         if self.collects_student_topk:
             fields += [STUDENT_TOPK_FIELD.format(j) for j in range(self.opd.release.top_k)]
-        extra = {"temperature": self.config.actor_rollout_ref.rollout.temperature}
+        extra = {"temperature": self.config.actor_rollout_ref.rollout.temperature, "global_step": self.global_steps}
         t0 = time.perf_counter()
         for i in range(len(self.opd.teachers.models)):
             idx = [n for n, o in enumerate(owners) if o == i]
@@ -265,6 +266,7 @@ class OPDTrainer(PluginTrainer):
             tags = [batch.tags[n] for n in idx]
             meta = KVBatchMeta(keys=keys, tags=tags, partition_id=batch.partition_id, fields=fields, extra_info=extra)
             self.forward_wgs[f"teacher{i}"].compute_logprobs(meta)
+            self._scored_temperatures[self.opd.teachers.models[i].name] = float(extra["temperature"])
             ref_key = self._teacher_refs[i] if self._teacher_refs else None
             if ref_key:
                 ref_meta = KVBatchMeta(
@@ -371,8 +373,8 @@ class OPDTrainer(PluginTrainer):
         """
         from opd_verl.objectives import compose_advantages
 
-        inputs = self._objective_inputs(data, owners, base_ref)
         params = self._stage_params()
+        inputs, nonfinite = self._objective_inputs(data, owners, base_ref), None
         task = None
         if params.task_coef != 0.0:
             from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
@@ -380,20 +382,30 @@ class OPDTrainer(PluginTrainer):
             task, _ = compute_grpo_outcome_advantage(
                 data.batch["token_level_rewards"], inputs["response_mask"], data.non_tensor_batch["uid"]
             )
-        advantages, adv_metrics = compose_advantages(
-            inputs["student"],
-            inputs["teacher"],
-            inputs["response_mask"],
-            params=params,
-            ref_logprobs=inputs["ref"],
-            sentence_ids=inputs["sentence_ids"],
-            margins=inputs["margins"],
-            task_advantages=task,
-            lam=inputs["lam"],
-            step=self.global_steps,
-            total_steps=self.total_training_steps,
-        )
+
+        def run(inputs):
+            return compose_advantages(
+                inputs["student"],
+                inputs["teacher"],
+                inputs["response_mask"],
+                params=params,
+                ref_logprobs=inputs["ref"],
+                sentence_ids=inputs["sentence_ids"],
+                margins=inputs["margins"],
+                task_advantages=task,
+                lam=inputs["lam"],
+                step=self.global_steps,
+                total_steps=self.total_training_steps,
+            )
+
+        try:
+            advantages, adv_metrics = run(inputs)
+        except ValueError as exc:  # NaN/inf at valid tokens: the rows are taken out (opd.health), else re-raised
+            inputs, nonfinite = self.health.sanitize(inputs, exc)
+            advantages, adv_metrics = run(inputs)
         metrics.update(adv_metrics)
+        temperatures = dict(self._scored_temperatures)
+        self.health.check(self.global_steps, inputs, advantages, owners, nonfinite, adv_metrics, temperatures, metrics)
         return advantages, advantages
 
     def _stage_params(self):

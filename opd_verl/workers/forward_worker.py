@@ -40,6 +40,10 @@ __all__ = ["ForwardOnlyWorker", "MESH_NAME", "STUDENT_TOPK_FIELD", "SENTENCE_FIE
 MESH_NAME = "opd_forward"
 STUDENT_TOPK_FIELD = "opd_student_topk_{}"
 SENTENCE_FIELD = "opd_sentence_ids"
+# Test-only fault injection (the health alarms' end-to-end test): a teacher worker whose environment sets this to N
+# zeroes its output-embedding weights when it scores step N or later (the batch meta carries ``global_step``),
+# as a teacher whose weights were lost after an offload/wake cycle would score.
+ZERO_TEACHER_FROM_STEP_ENV = "OPD_VERL_TEST_ZERO_TEACHER_FROM_STEP"
 
 
 def forward_worker_config(
@@ -230,6 +234,7 @@ class ForwardOnlyWorker(Worker):
             prompts, responses = [], []
         n_rows = len(responses)
         temperature = float(_scalar(data, "temperature", 1.0)) if n_rows else 1.0
+        self._inject_fault(data)
         wants_candidates = n_rows and (cfg["margin"] or cfg["return_candidates"])
         candidates = self._candidates(data, responses) if wants_candidates else None
 
@@ -279,6 +284,13 @@ class ForwardOnlyWorker(Worker):
         if cfg["sentences"]:
             fields[SENTENCE_FIELD] = _nested(self._sentence_rows(data, responses))
         return TensorDict(fields, batch_size=[n_rows])
+
+    def _inject_fault(self, data: TensorDict) -> None:
+        start = os.environ.get(ZERO_TEACHER_FROM_STEP_ENV)
+        step = _scalar(data, "global_step", None)
+        if start and step is not None and int(step) >= int(start) and self.config["output_prefix"] == "opd_teacher":
+            with torch.no_grad():
+                self.model.get_output_embeddings().weight.zero_()
 
     def _sentence_rows(self, data: TensorDict, responses: list[torch.Tensor]) -> list[torch.Tensor]:
         from opd_verl.objectives.sentences import batch_sentence_ids

@@ -10,8 +10,10 @@ from tensordict import TensorDict
 
 import opd_verl
 from opd_verl.config import parse_opd_section
+from opd_verl.trainer.health_monitor import HealthMonitor
 
 B, T = 6, 24
+VOCAB = 1000
 
 
 def _cfg(adv_estimator, opd_overrides):
@@ -29,6 +31,9 @@ def _trainer(cfg, step=1, total=2):
     tr.config = cfg
     tr.opd = parse_opd_section(OmegaConf.to_container(cfg.opd, resolve=True))
     tr.global_steps, tr.total_training_steps = step, total
+    tr.health = HealthMonitor(tr.opd.health, tr.opd, 1.0, "/nonexistent")
+    tr.health._vocab_sizes = [VOCAB] * len(tr.opd.teachers.models)  # no model files here
+    tr._scored_temperatures = {}
     return tr
 
 
@@ -196,3 +201,55 @@ def test_student_topk_fields_are_left_out_of_the_actor_update():
     stored = ["responses", "old_log_probs", "advantages"] + [STUDENT_TOPK_FIELD.format(j) for j in range(4)]
     meta = KVBatchMeta(keys=["a", "b"], tags=[{}, {}], partition_id="train", fields=list(stored))
     assert without_fields(meta, STUDENT_TOPK_FIELD.format("")).fields == ["responses", "old_log_probs", "advantages"]
+
+
+def test_nan_teacher_row_is_zeroed_counted_and_the_step_goes_on():
+    """Default ``opd.health``: a row with a NaN teacher log-prob gets advantage 0, the others are unchanged."""
+    from opd_verl.objectives import discrepancy, gopd_advantages, iw_opd_weights
+
+    cfg = _cfg(
+        "opd_pipeline",
+        {
+            "signal": {"name": "gopd", "lam": 1.25},
+            "weighting": {"name": "iw", "w_max": 1.5},
+            "teachers": {"models": {"default": None, **TWO_TEACHERS}},
+        },
+    )
+    tr = _trainer(cfg)
+    data, mask, s, t, ref, _, _ = _batch(seed=4)
+    data.batch["opd_teacher_log_probs"][3, 2] = float("nan")
+    owners = [0, 1, 0, 0, 1, 1]
+    metrics = {}
+    adv, _ = tr._opd_advantages(data, owners, None, metrics)
+    assert torch.isfinite(adv).all() and adv[3].abs().sum() == 0
+    keep = [0, 1, 2, 4, 5]
+    lam = torch.tensor([1.25 if owners[n] == 0 else 1.0 for n in keep])
+    m, sk, tk, rk = mask[keep], s[keep], t[keep], ref[keep]
+    expected = iw_opd_weights(discrepancy(sk, tk, m), m, 1.5) * gopd_advantages(sk, tk, m, lam, rk)
+    torch.testing.assert_close(adv[keep], expected, atol=1e-6, rtol=0)
+    assert metrics["opd/health/nonfinite_rows"] == 1.0
+    assert metrics["opd/health/nonfinite_tokens/teacher"] == 1.0
+    assert metrics["opd/teacher/math/nonfinite_rows"] == 1.0 and metrics["opd/teacher/code/nonfinite_rows"] == 0.0
+    assert metrics["opd/health/alarm/nonfinite"] == 1.0 and tr.health.stop_message is None
+
+
+def test_stop_alarm_message_names_the_alarm_the_teacher_and_the_figure():
+    cfg = _cfg(
+        "opd",
+        {
+            "teachers": {"models": {"default": None, **{k: {**v, "lam": None} for k, v in TWO_TEACHERS.items()}}},
+            "health": {"collapse": {"action": "stop"}},
+        },
+    )
+    tr = _trainer(cfg, step=2)
+    data, mask, *_ = _batch(seed=5)
+    collapsed = torch.full((B, T), -float(np.log(VOCAB)))
+    owners = [0, 1, 0, 1, 0, 1]
+    data.batch["opd_teacher_log_probs"][[1, 3, 5]] = collapsed[[1, 3, 5]]  # teacher "code" lost its weights
+    metrics = {}
+    tr._opd_advantages(data, owners, None, metrics)
+    msg = tr.health.stop_message
+    assert msg is not None and msg.startswith("step 2: ")
+    assert "'collapse'" in msg and "teacher 'code'" in msg and "figure 1," in msg
+    assert metrics["opd/teacher/code/collapse_fraction"] == 1.0 and metrics["opd/teacher/math/collapse_fraction"] == 0
+    assert metrics["opd/health/alarm/collapse"] == 1.0

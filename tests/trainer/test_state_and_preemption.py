@@ -1,12 +1,15 @@
 """Plugin state beside veRL's checkpoint, restored on resume; a preemption request saves and ends the loop."""
 
 import json
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 from omegaconf import OmegaConf
 
+from opd_verl.health import HealthConfig
 from opd_verl.trainer import preemption
+from opd_verl.trainer.health_monitor import HealthMonitor
 
 
 @pytest.fixture
@@ -37,6 +40,7 @@ def trainer(tmp_path, monkeypatch):
     tr.checkpoint_manager = mock.Mock()
     tr.timing_raw = {}
     tr.saved = saved
+    tr.health = HealthMonitor(HealthConfig(), SimpleNamespace(teachers=SimpleNamespace(models=())), 1.0, str(tmp_path))
     yield tr
     preemption.clear_preemption()
 
@@ -46,12 +50,16 @@ def test_state_saved_and_restored(trainer, tmp_path):
     trainer.opd_state.update(advantage_step=7, teacher_calls=7)
     trainer._save_checkpoint()
     state = json.loads((tmp_path / "global_step_7" / "opd_state.json").read_text())
-    assert state == {"advantage_step": 7, "teacher_calls": 7, "global_step": 7}
+    assert state == {"advantage_step": 7, "teacher_calls": 7, "global_step": 7, "health_adv_scale": None}
 
+    trainer.health.previous_adv_scale = 0.25  # the advantage-jump alarm's reference survives a resume
+    trainer._save_checkpoint()
     trainer.opd_state = {"advantage_step": 0, "teacher_calls": 0}
+    trainer.health.previous_adv_scale = None
     trainer._load_checkpoint()
     assert trainer.global_steps == 7
-    assert trainer.opd_state == {"advantage_step": 7, "teacher_calls": 7}
+    assert trainer.opd_state == {"advantage_step": 7, "teacher_calls": 7, "health_adv_scale": 0.25}
+    assert trainer.health.previous_adv_scale == 0.25
 
 
 def test_preemption_saves_once_and_ends_the_loop(trainer):
@@ -68,3 +76,12 @@ def test_preemption_saves_once_and_ends_the_loop(trainer):
     trainer._saved_step = 4  # veRL's periodic save already ran this step
     trainer.on_step_end()
     assert trainer.saved == [3] and trainer.total_training_steps == 4
+
+
+def test_stop_alarm_saves_once_and_ends_the_loop(trainer):
+    trainer.global_steps, trainer.total_training_steps = 2, 10
+    trainer.health.stop_message = "step 2: opd_verl health alarm 'collapse' (stop) for teacher 'default': figure 1"
+    trainer.on_step_end()
+    assert trainer.saved == [2] and trainer.total_training_steps == 2
+    trainer.on_step_end()  # saved this step already: not again
+    assert trainer.saved == [2]
