@@ -100,7 +100,9 @@ class PluginTrainer(PPOTrainerSync):
         tracking.FileLogger = ResumedFileLogger  # the file logger fit() creates keeps the steps up to here
 
     def on_step_end(self):
-        super().on_step_end()
+        # Checkpoints of this step are written before veRL's `on_step_end`, whose `update_weights` wakes the rollout
+        # engine (weights and KV cache back on the device): here the engine still sleeps since the step's sampling,
+        # as it does at veRL's own periodic save, so a save with parameter offload has the device memory it needs.
         self.health.maybe_plot(self.global_steps, last=self.global_steps >= self.total_training_steps)
         if self.health.stop_message is not None:
             # an alarm with action=stop: the preemption path (checkpoint, leave the loop), then `fit` raises
@@ -108,6 +110,7 @@ class PluginTrainer(PPOTrainerSync):
                 self._save_checkpoint()
             self.health.maybe_plot(self.global_steps, last=True)
             self.total_training_steps = self.global_steps
+            super().on_step_end()
             return
         if preemption.should_save_and_exit():
             if self._saved_step != self.global_steps:
@@ -118,6 +121,7 @@ class PluginTrainer(PPOTrainerSync):
                 self.global_steps,
             )
             self.total_training_steps = self.global_steps  # veRL's fit() leaves its loop after this step
+        super().on_step_end()
 
     def fit(self, *args, **kwargs):
         out = super().fit(*args, **kwargs)

@@ -85,3 +85,21 @@ def test_stop_alarm_saves_once_and_ends_the_loop(trainer):
     assert trainer.saved == [2] and trainer.total_training_steps == 2
     trainer.on_step_end()  # saved this step already: not again
     assert trainer.saved == [2]
+
+
+def test_preemption_checkpoint_is_written_while_the_rollout_engine_sleeps(trainer, monkeypatch):
+    """veRL's sync trainer sleeps the rollout replicas after sampling and wakes them in `update_weights` (its
+    `on_step_end`); the preemption save must come before that wake-up, as veRL's own periodic save does."""
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    events = []
+    monkeypatch.setattr(PPOTrainer, "_save_checkpoint", lambda self: events.append("save"))
+    trainer.checkpoint_manager.update_weights.side_effect = lambda step: events.append("update_weights")
+    trainer.checkpoint_manager.sleep_replicas.side_effect = lambda: events.append("sleep")
+    trainer.global_steps, trainer.total_training_steps = 5, 10
+    trainer.curr_step_profile = False
+    trainer.on_sample_end()  # veRL's sync trainer: sampling done, replicas sleep
+    preemption.request_preemption("SIGUSR1")
+    trainer.on_step_end()
+    assert events == ["sleep", "save", "update_weights"]
+    assert trainer.total_training_steps == 5
