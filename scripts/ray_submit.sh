@@ -74,4 +74,5 @@ SUBMIT=("$OPD_RAY" job submit "--address=$RAY_ADDRESS" "--runtime-env-json=$RUNT
 [[ ${OPD_SUBMIT_NO_WAIT:-0} != 1 ]] || SUBMIT+=(--no-wait)
 
 echo "ray_submit.sh: runtime_env $RUNTIME_ENV"
-exec "${SUBMIT[@]}" -- "$OPD_REMOTE_PYTHON" -m opd_verl.main "+recipe=$RECIPE" "$@"
+# opd.cpu_demo=false: the job's driver may run on a CPU-only head node; the CPU demo must never replace the run.
+exec "${SUBMIT[@]}" -- "$OPD_REMOTE_PYTHON" -m opd_verl.main "+recipe=$RECIPE" opd.cpu_demo=false "$@"

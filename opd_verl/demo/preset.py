@@ -1,7 +1,8 @@
 """The CPU demo preset: point a composed config at the locally built demo and at veRL's CPU settings.
 
 `maybe_apply_cpu_demo(cfg)` reads `opd.cpu_demo` (auto | true | false). With `auto` the preset applies when no CUDA
-device is present; with `true` always; with `false` never. The preset
+device is present and the config names no model or data path of the user's (with one, `auto` refuses: see
+`demo_wanted`); with `true` always; with `false` never. The preset
 
 - picks the task variant (`opd_verl.demo.task`): `worked` (one line per digit with the carries, then the answer)
   when the recipe enables the release rule, which needs responses of several sentences, else `sums`,
@@ -28,7 +29,7 @@ import shutil
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from opd_verl.config import parse_cpu_demo
+from opd_verl.config import OPDConfigError, parse_cpu_demo
 from opd_verl.demo import console, task
 
 DEMO_EXPERIMENT_PREFIX = "cpu_demo"
@@ -70,9 +71,53 @@ def cuda_present() -> bool:
     return bool(torch.cuda.is_available())
 
 
+# Fields whose veRL default is a placeholder path; any other value is the user's own model or data.
+VERL_PLACEHOLDER_FIELDS = ("actor_rollout_ref.model.path", "data.train_files", "data.val_files")
+
+
+def _verl_defaults() -> DictConfig:
+    """veRL's own composed `ppo_trainer` defaults (the file veRL generates from its config tree)."""
+    import verl.trainer.config as verl_config
+
+    return OmegaConf.load(os.path.join(os.path.dirname(verl_config.__file__), "_generated_ppo_trainer.yaml"))
+
+
+def user_paths(cfg: DictConfig) -> dict[str, str]:
+    """Model and data paths the user gave: veRL fields that differ from veRL's placeholder defaults, and every
+    teacher / reference path of the `opd` section that is set. Maps field -> value."""
+    defaults = _verl_defaults()
+    given = {}
+    for key in VERL_PLACEHOLDER_FIELDS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value != OmegaConf.select(defaults, key, default=None):
+            given[key] = str(value)
+    opd_paths = {"opd.reference.path": OmegaConf.select(cfg, "opd.reference.path", default=None)}
+    for name, entry in (OmegaConf.select(cfg, "opd.teachers.models", default=None) or {}).items():
+        for field in ("path", "reference_path"):
+            opd_paths[f"opd.teachers.models.{name}.{field}"] = (entry or {}).get(field)
+    given.update({k: str(v) for k, v in opd_paths.items() if v})
+    return given
+
+
 def demo_wanted(cfg: DictConfig) -> bool:
+    """Whether the CPU demo replaces the config. ``auto`` picks it only without a CUDA device *and* without any
+    model or data path of the user's (`user_paths`); a config naming its own paths is refused (`OPDConfigError`)
+    rather than silently turned into the demo (a driver on a CPU-only head node still launches GPU workers)."""
     mode = cpu_demo_mode(cfg)
-    return mode == "true" or (mode == "auto" and not cuda_present())
+    if mode != "auto":
+        return mode == "true"
+    if cuda_present():
+        return False
+    given = user_paths(cfg)
+    if given:
+        field, value = next(iter(given.items()))
+        raise OPDConfigError(
+            f"opd.cpu_demo=auto sees no CUDA device in this process and would run the CPU demo, which replaces the "
+            f"config's models and data, but the config names its own ({field}={value}"
+            f"{f' and {len(given) - 1} more' if len(given) > 1 else ''}). Set opd.cpu_demo=false to run them (the "
+            "driver need not see a GPU: Ray places the workers), or opd.cpu_demo=true for the demo."
+        )
+    return True
 
 
 def maybe_apply_cpu_demo(cfg: DictConfig) -> DictConfig:

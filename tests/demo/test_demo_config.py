@@ -117,3 +117,42 @@ def test_release_recipes_use_the_worked_task_variant(tmp_path, restore_env):
     assert task_variant(_compose("+recipe=exopd_iw_release")) == "worked"
     cfg = apply_cpu_demo(_compose("+recipe=prefix_release"), _assets(tmp_path, "worked"))
     assert cfg.data.max_response_length == 64 and cfg.data.train_batch_size == 16
+
+
+def test_auto_never_replaces_a_users_models_or_data(monkeypatch):
+    """Without CUDA, `auto` runs the demo only for a config with veRL's placeholder paths; a config naming the user's
+    own model, data or teacher is refused with the field and the two ways out, never silently replaced."""
+    from opd_verl.cpu import demo
+
+    monkeypatch.setattr(demo, "cuda_present", lambda: False)
+    assert demo.demo_wanted(_compose("+recipe=exopd")) is True  # nothing of the user's: the demo
+    for override, field in [
+        ("actor_rollout_ref.model.path=/models/student", "actor_rollout_ref.model.path=/models/student"),
+        ("data.train_files=/data/train.parquet", "data.train_files=/data/train.parquet"),
+        ("opd.teachers.models.default.path=/models/teacher", "opd.teachers.models.default.path=/models/teacher"),
+        ("opd.reference.path=/models/base", "opd.reference.path=/models/base"),
+    ]:
+        cfg = _compose("+recipe=exopd", override)
+        with pytest.raises(OPDConfigError, match="opd.cpu_demo=auto") as err:
+            maybe_apply_cpu_demo(cfg)
+        assert field in str(err.value) and "opd.cpu_demo=false" in str(err.value)
+        assert "opd.cpu_demo=true" in str(err.value)
+        assert cfg.actor_rollout_ref.rollout.get("name") != "hf"  # the config was not touched
+        # the explicit switches still decide without asking
+        assert demo.demo_wanted(_compose("+recipe=exopd", override, "opd.cpu_demo=false")) is False
+        assert demo.demo_wanted(_compose("+recipe=exopd", override, "opd.cpu_demo=true")) is True
+    monkeypatch.setattr(demo, "cuda_present", lambda: True)
+    assert demo.demo_wanted(_compose("+recipe=exopd", "data.train_files=/data/train.parquet")) is False
+
+
+def test_main_refuses_auto_demo_over_user_paths_before_ray(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "opd_verl.main", "+recipe=opd", "data.train_files=/nowhere/train.parquet"]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=str(tmp_path), env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    )
+    assert out.returncode != 0
+    assert "opd.cpu_demo=auto" in out.stderr and "data.train_files=/nowhere/train.parquet" in out.stderr
+    assert "ray" not in out.stdout.lower()

@@ -42,7 +42,8 @@ def test_source_install(submit):
     assert argv[:3] == ["job", "submit", "--address=http://h:8265"]
     sep = argv.index("--")
     assert argv[sep + 1 :] == [
-        "python", "-m", "opd_verl.main", "+recipe=exopd", "trainer.nnodes=2", "data.train_files=/a b.parquet"
+        "python", "-m", "opd_verl.main", "+recipe=exopd", "opd.cpu_demo=false", "trainer.nnodes=2",
+        "data.train_files=/a b.parquet"
     ]  # fmt: skip
     env = runtime_env(argv)
     assert env["py_modules"] == [str(REPO / "opd_verl")]
@@ -70,7 +71,7 @@ def test_pip_install_with_extras_id_and_no_wait(submit):
     }
     assert "py_modules" not in env
     assert "--submission-id=opsd-1" in argv and "--no-wait" in argv
-    assert argv[argv.index("--") + 1 :] == ["python3", "-m", "opd_verl.main", "+recipe=opsd"]
+    assert argv[argv.index("--") + 1 :] == ["python3", "-m", "opd_verl.main", "+recipe=opsd", "opd.cpu_demo=false"]
 
 
 @pytest.mark.parametrize(

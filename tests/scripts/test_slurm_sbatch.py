@@ -99,6 +99,7 @@ def test_three_nodes_head_workers_wait_and_training_command(fake_slurm):
         "-m",
         "opd_verl.main",
         "+recipe=exopd",
+        "opd.cpu_demo=false",
         "trainer.nnodes=3",
         "trainer.n_gpus_per_node=4",
         "data.train_files=/shared/train.parquet",
@@ -191,6 +192,7 @@ def test_apptainer_wrapping(fake_slurm):
     assert len(trains) == 1 and trains[0][:5] == prefix
     assert trains[0][8:] == [
         "+recipe=iw_opd",
+        "opd.cpu_demo=false",
         "trainer.nnodes=2",
         "trainer.n_gpus_per_node=4",
         "trainer.default_local_dir=/shared/ckpt",
