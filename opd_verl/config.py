@@ -23,6 +23,7 @@ REFERENCE_KINDS = ("student_init", "base_model")
 WEIGHTINGS = ("none", "iw", "prefix_mask", "suffix_mask", "prefix_weight")
 MARGINS = ("prob", "logprob")
 TEACHER_KINDS = ("local", "server")
+PLACEMENTS = ("colocated", "separate")
 OPSD_LOSSES = ("full", "topk", "sampled")
 OPSD_TEACHERS = ("frozen", "current", "ema")
 MISSING_SOLUTION = ("error", "skip")
@@ -81,6 +82,8 @@ class TeacherModelConfig:
 class TeachersConfig:
     routing_key: str = "data_source"
     kind: str = "local"
+    placement: str = "colocated"
+    offload: bool = False
     nnodes: int = 1
     n_gpus_per_node: int = 1
     logprob_chunk_size: int = 1024
@@ -246,6 +249,8 @@ def _parse_teachers(raw: dict, signal: SignalConfig, reference: ReferenceConfig)
     return TeachersConfig(
         routing_key=routing_key,
         kind=_choice(raw, "kind", p, TEACHER_KINDS),
+        placement=_choice(raw, "placement", p, PLACEMENTS),
+        offload=_flag(raw, "offload", p),
         nnodes=_number(raw, "nnodes", p, low=1, integer=True),
         n_gpus_per_node=_number(raw, "n_gpus_per_node", p, low=1, integer=True),
         logprob_chunk_size=_number(raw, "logprob_chunk_size", p, low=1, integer=True),

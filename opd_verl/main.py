@@ -140,7 +140,8 @@ def check_opsd_data(cfg: DictConfig, opd: OPDConfig) -> None:
 
 def check(cfg: DictConfig) -> tuple[DictConfig, OPDConfig]:
     """What the driver checks and rewrites before veRL's validation: presets, the `opd` section, OPSD's data,
-    the translation to veRL's teacher servers. Raises `OPDConfigError` / `OPSDDataError`."""
+    the translation to veRL's teacher servers, the placement of the pools on the launch's GPUs. Raises
+    `OPDConfigError` / `OPSDDataError`."""
     validate_before_demo(cfg)
     cfg = prepare(cfg)
     opd = load_opd_config(cfg)
@@ -150,6 +151,9 @@ def check(cfg: DictConfig) -> tuple[DictConfig, OPDConfig]:
         from opd_verl.integration.server_teachers import apply_server_teachers
 
         apply_server_teachers(cfg, opd)
+    from opd_verl.placement import check_placement
+
+    check_placement(cfg)
     return cfg, opd
 
 

@@ -24,22 +24,12 @@ class CPURuntimeError(RuntimeError):
 
 
 def required_logical_gpus(cfg: DictConfig) -> int:
-    """Logical GPUs the run's resource pools ask for: trainer + veRL distillation teachers + plugin teachers."""
-    trainer = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
-    total = trainer
-    if OmegaConf.select(cfg, "distillation.enabled", default=False):
-        total += int(cfg.distillation.n_gpus_per_node) * int(cfg.distillation.nnodes)
-    if OmegaConf.select(cfg, "reward.reward_model.enable", default=False) and OmegaConf.select(
-        cfg, "reward.reward_model.enable_resource_pool", default=False
-    ):
-        total += int(cfg.reward.reward_model.n_gpus_per_node) * int(cfg.reward.reward_model.nnodes)
-    # The plugin's teacher pool: its own workers (kind=local) or veRL's teacher servers (kind=server, whose
-    # `distillation.*` may be filled in after this count). Counting it as well never under-asks; spare logical
-    # GPUs cost nothing.
-    opd_teachers = OmegaConf.select(cfg, "opd.teachers", default=None)
-    if opd_teachers is not None:
-        total += int(opd_teachers.get("n_gpus_per_node", 1)) * int(opd_teachers.get("nnodes", 1))
-    return total
+    """Logical GPUs the run's resource pools ask for (`opd_verl.placement.required_gpus`): the trainer's pool plus
+    separate pools (veRL's distillation teachers, a reward model with its own pool, the plugin's teachers with
+    ``opd.teachers.placement=separate`` or ``kind=server``); colocated teachers add none."""
+    from opd_verl.placement import required_gpus
+
+    return sum(required_gpus(cfg).values())
 
 
 def apply_cpu_runtime(cfg: DictConfig, metrics_file: str | None = None) -> DictConfig:

@@ -5,6 +5,12 @@ Registered as ``opd_sync`` (`opd_verl.trainer.base.PluginTrainer`). Each step it
 and computes the advantages with one `compose_advantages` call, per-row lam included; with the release rule the
 actor's own old-log-prob forward also yields the student's top-K ids. Teachers and references must share the
 student's tokenizer, checked in the driver (`opd_verl.model_check`).
+
+The teachers' worker group runs in veRL's ``global_pool`` beside actor, rollout and ref
+(``opd.teachers.placement=colocated``: a second worker group on the same placement-group bundles, each worker taking
+``1 / max_colocate_count`` of a GPU, sharded with FSDP2 over all the pool's ranks) or in a pool of its own
+(``separate``: ``opd.teachers.nnodes`` x ``n_gpus_per_node``). With ``opd.teachers.offload`` their parameters stay
+in CPU memory outside the teacher phase.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 OPD_TRAINER_NAME = "opd_sync"
-POOL_NAME = "opd_pool"
+POOL_NAME = "opd_pool"  # the teachers' own pool (opd.teachers.placement=separate)
+GLOBAL_POOL = "global_pool"  # veRL's pool of actor, rollout and ref (placement=colocated)
 ROLE_NAME = "opd_forward"
 TEACHER_PREFIX = "opd_teacher"
 REF_PREFIX = "opd_ref"
@@ -131,11 +138,15 @@ class OPDTrainer(PluginTrainer):
     # ------------------------------------------------------------------ setup
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
-        if self.uses_local_teachers:
+        if not self.uses_local_teachers:
+            return
+        pool = GLOBAL_POOL
+        if self.opd.teachers.placement == "separate":
+            pool = POOL_NAME
             spec = self.resource_pool_manager.resource_pool_spec
             spec[POOL_NAME] = [self.opd.teachers.n_gpus_per_node] * self.opd.teachers.nnodes
-            self.mapping[ROLE_NAME] = POOL_NAME
-            self.resource_pool_manager.mapping[ROLE_NAME] = POOL_NAME
+        self.mapping[ROLE_NAME] = pool
+        self.resource_pool_manager.mapping[ROLE_NAME] = pool
 
     def _setup(self):
         super()._setup()
@@ -197,7 +208,24 @@ class OPDTrainer(PluginTrainer):
         self.forward_wgs = wg.spawn(prefix_set=class_dict.keys())
         for key in class_dict:
             self.forward_wgs[key].init_model()
-        logger.info("opd_verl forward-only workers ready: %s", sorted(self.forward_wgs))
+        if self.opd.teachers.offload:
+            self._offload_forward_workers()
+        logger.info(
+            "opd_verl forward-only workers ready: %s (%s placement, %d ranks)",
+            sorted(self.forward_wgs),
+            self.opd.teachers.placement,
+            wg.world_size,
+        )
+
+    def _load_forward_workers(self) -> None:
+        """``opd.teachers.offload``: teacher/reference parameters back on the device before the teacher phase."""
+        for wg in self.forward_wgs.values():
+            wg.load_params()
+
+    def _offload_forward_workers(self) -> None:
+        """``opd.teachers.offload``: teacher/reference parameters to CPU memory after the teacher phase."""
+        for wg in self.forward_wgs.values():
+            wg.offload_params()
 
     def _install_student_topk_loss(self) -> None:
         from verl.utils.config import omega_conf_to_dataclass
@@ -292,7 +320,13 @@ class OPDTrainer(PluginTrainer):
 
         owners = self._route(batch)
         with marked_timer("opd_teacher", self.timing_raw, color="purple"):
-            self._compute_teacher_outputs(batch, owners, metrics)
+            if self.opd.teachers.offload:
+                self._load_forward_workers()
+            try:
+                self._compute_teacher_outputs(batch, owners, metrics)
+            finally:
+                if self.opd.teachers.offload:
+                    self._offload_forward_workers()
 
         have_ref = self.use_reference_policy
         have_base_ref = any(self._teacher_refs)

@@ -309,6 +309,22 @@ class ForwardOnlyWorker(Worker):
         return rows
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def offload_params(self) -> None:
+        """Move this rank's parameters (its FSDP2 shard) to CPU memory and free the device cache (veRL's helper)."""
+        from verl.utils.fsdp_utils import offload_fsdp_model_to_cpu
+
+        if self.device.type != "cpu":  # on a CPU run the parameters already live in CPU memory
+            offload_fsdp_model_to_cpu(self.model)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_params(self) -> None:
+        """Bring the parameters back to this rank's device after `offload_params` (veRL's helper)."""
+        from verl.utils.fsdp_utils import load_fsdp_model_to_gpu
+
+        if self.device.type != "cpu":
+            load_fsdp_model_to_gpu(self.model)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def pid(self) -> int:
         """The worker's process id (tests use it to check where a shard ran)."""
         return os.getpid()
