@@ -242,10 +242,11 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
         _set(cfg, f"{teacher_inference}.tensor_model_parallel_size", 1)
         _set(cfg, f"{teacher_inference}.dtype", "float32")
 
-        # Trainer: one CPU "GPU" worker, console + file metrics, checkpoints in the run dir.
+        # Trainer: one CPU "GPU" worker (or as many logical GPUs as the command line asks for: each is a gloo rank
+        # with its own HF rollout replica), console + file metrics, checkpoints in the run dir.
         _set(cfg, "trainer.device", "cpu")
         _set(cfg, "trainer.nnodes", 1)
-        _set(cfg, "trainer.n_gpus_per_node", 1)
+        _set_default(cfg, "trainer.n_gpus_per_node", 1, user_keys)
         _set(cfg, "trainer.logger", ["console", "file"])
         _set_default(cfg, "trainer.val_before_train", True, user_keys)
         _set_default(cfg, "trainer.save_freq", -1, user_keys)

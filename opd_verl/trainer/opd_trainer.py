@@ -440,6 +440,9 @@ class OPDTrainer(PluginTrainer):
         metrics.update(adv_metrics)
         temperatures = dict(self._scored_temperatures)
         self.health.check(self.global_steps, inputs, advantages, owners, nonfinite, adv_metrics, temperatures, metrics)
+        mask = inputs["response_mask"].bool()
+        teacher = inputs["teacher"][mask]
+        metrics["opd/teacher_log_prob"] = float(teacher.mean()) if teacher.numel() else 0.0  # over response tokens
         return advantages, advantages
 
     def _stage_params(self):

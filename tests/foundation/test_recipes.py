@@ -141,3 +141,85 @@ def test_teacher_chat_template_kwargs_must_be_a_mapping(compose_cfg):
 
     with pytest.raises(OPDConfigError, match="opd.opsd.teacher_chat_template_kwargs"):
         load_opd_config(compose_cfg("+recipe=opsd", "opd.opsd.teacher_chat_template_kwargs=yes"))
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory):
+    """A tiny local student and teacher and a one-row parquet: the paths a user must set, with nothing downloaded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from opd_verl.demo.tiny import build_tiny_qwen2
+
+    root = tmp_path_factory.mktemp("recipe_paths")
+    data = str(root / "train.parquet")
+    pq.write_table(pa.table({"prompt": [[{"role": "user", "content": "1+1?"}]], "data_source": ["math"]}), data)
+    return {
+        "student": build_tiny_qwen2(str(root / "student"), hidden_size=32, seed=1),
+        "teacher": build_tiny_qwen2(str(root / "teacher"), hidden_size=32, seed=2),
+        "data": data,
+    }
+
+
+def _stub_vllm_lora_check(monkeypatch) -> list[int]:
+    """veRL's config check asks vLLM (the GPU stack, absent on CPU) which LoRA ranks it serves; without vLLM this
+    records the rank and checks it against the ranks veRL itself falls back to when vLLM does not say."""
+    import importlib.util
+    import types
+
+    asked: list[int] = []
+    if importlib.util.find_spec("vllm") is not None:
+        return asked
+    allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+    def get_vllm_max_lora_rank(rank: int) -> int:
+        asked.append(rank)
+        assert rank <= allowed[-1], rank
+        return next(r for r in allowed if rank <= r)
+
+    package = types.ModuleType("verl.workers.rollout.vllm_rollout")
+    utils = types.ModuleType("verl.workers.rollout.vllm_rollout.utils")
+    utils.get_vllm_max_lora_rank = get_vllm_max_lora_rank
+    package.utils = utils
+    monkeypatch.setitem(sys.modules, "verl.workers.rollout.vllm_rollout", package)
+    monkeypatch.setitem(sys.modules, "verl.workers.rollout.vllm_rollout.utils", utils)
+    return asked
+
+
+@pytest.mark.parametrize("recipe", sorted(EXPECTED))
+def test_recipe_passes_verl_validation_on_a_gpu_node(recipe, compose_cfg, tiny_paths, monkeypatch):
+    """Each recipe, given only the fields its header says a user must set (tiny local models and data here) and
+    opd.cpu_demo=false, passes what the driver runs before Ray on one 8-GPU node: the `opd` validation, the
+    placement checks and veRL's own `validate_config` (which refused the recipes without micro-batch settings)."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    from opd_verl.demo.preset import demo_wanted
+    from opd_verl.placement import check_placement
+
+    must = [
+        f"data.train_files={tiny_paths['data']}",
+        f"data.val_files={tiny_paths['data']}",
+        f"actor_rollout_ref.model.path={tiny_paths['student']}",
+    ]
+    if recipe != "opsd":
+        must.append(f"opd.teachers.models.default.path={tiny_paths['teacher']}")
+    if recipe == "gopd_rc":
+        must.append(f"opd.reference.path={tiny_paths['teacher']}")
+    # what scripts/slurm/opd_verl.sbatch adds on one node of 8 GPUs
+    cfg = compose_cfg(f"+recipe={recipe}", "opd.cpu_demo=false", "trainer.nnodes=1", "trainer.n_gpus_per_node=8", *must)
+    assert demo_wanted(cfg) is False
+    load_opd_config(cfg)
+    check_placement(cfg, {"SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "8"})
+    asked = _stub_vllm_lora_check(monkeypatch)
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    if recipe == "opsd" and asked:
+        assert asked == [64]
+    # the GPU-scale settings every recipe carries (authors' scripts)
+    a = cfg.actor_rollout_ref
+    assert a.model.use_remove_padding and a.model.enable_gradient_checkpointing
+    assert a.actor.use_dynamic_bsz and a.actor.ppo_max_token_len_per_gpu >= cfg.data.max_response_length // 2
+    assert a.rollout.name == "vllm" and a.rollout.log_prob_micro_batch_size_per_gpu >= 1
+    if recipe != "opsd":
+        assert a.actor.ppo_max_token_len_per_gpu >= cfg.data.max_prompt_length + cfg.data.max_response_length
+        assert a.rollout.tensor_model_parallel_size == 4 and cfg.opd.teachers.placement == "colocated"
