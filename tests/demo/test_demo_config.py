@@ -122,7 +122,7 @@ def test_release_recipes_use_the_worked_task_variant(tmp_path, restore_env):
 def test_auto_never_replaces_a_users_models_or_data(monkeypatch):
     """Without CUDA, `auto` runs the demo only for a config with veRL's placeholder paths; a config naming the user's
     own model, data or teacher is refused with the field and the two ways out, never silently replaced."""
-    from opd_verl.cpu import demo
+    from opd_verl.demo import preset as demo
 
     monkeypatch.setattr(demo, "cuda_present", lambda: False)
     assert demo.demo_wanted(_compose("+recipe=exopd")) is True  # nothing of the user's: the demo

@@ -88,7 +88,7 @@ def test_mini_batch_and_reference_group_are_checked(compose_cfg):
 
 
 def test_cpu_preset_asks_ray_for_the_pools_of_the_placement(compose_cfg):
-    from opd_verl.cpu.ray_setup import required_logical_gpus
+    from opd_verl.cpu_port.ray_setup import required_logical_gpus
 
     assert required_logical_gpus(_cfg(compose_cfg, "trainer.n_gpus_per_node=2")) == 2
     separate = ("opd.teachers.placement=separate", "opd.teachers.n_gpus_per_node=3")
@@ -178,7 +178,7 @@ def test_offload_wraps_the_teacher_phase(compose_cfg):
     assert events[-2:] == [("offload", "teacher0"), ("offload", "reference0")]
 
     events.clear()
-    tr.opd = load_opd_config(_cfg(compose_cfg))
+    tr.opd = load_opd_config(_cfg(compose_cfg, "opd.teachers.offload=false"))
     tr._compute_teacher_outputs = lambda batch, owners, metrics: events.append(("score", None))
     with mock.patch("transfer_queue.kv_batch_get", side_effect=RuntimeError("stop")):
         with pytest.raises(RuntimeError):
