@@ -128,7 +128,8 @@ class HealthMonitor:
 
     # ------------------------------------------------------------------ state and plot
     def state(self) -> dict:
-        return {"health_adv_scale": self.previous_adv_scale}
+        """What a checkpoint keeps: the last advantage scale (the advantage-jump reference), once there is one."""
+        return {} if self.previous_adv_scale is None else {"health_adv_scale": self.previous_adv_scale}
 
     def load_state(self, state: dict) -> None:
         self.previous_adv_scale = state.get("health_adv_scale")

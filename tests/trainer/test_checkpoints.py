@@ -4,13 +4,16 @@ state file is named with what to do, and a resumed run's metrics history is kept
 
 import json
 import os
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 from omegaconf import OmegaConf
 
+from opd_verl.health import HealthConfig
 from opd_verl.trainer import checkpoints
 from opd_verl.trainer.checkpoints import CheckpointError, ResumedFileLogger, choose_resume_folder
+from opd_verl.trainer.health_monitor import HealthMonitor
 
 
 @pytest.fixture
@@ -53,6 +56,7 @@ def trainer(tmp_path, monkeypatch):
     tr._saved_step = None
     tr.fail_after_actor = False
     tr.loads = loads
+    tr.health = HealthMonitor(HealthConfig(), SimpleNamespace(teachers=SimpleNamespace(models=())), 1.0, str(tmp_path))
     yield tr
     ResumedFileLogger.resume_step = None
 

@@ -50,7 +50,7 @@ def test_state_saved_and_restored(trainer, tmp_path):
     trainer.opd_state.update(advantage_step=7, teacher_calls=7)
     trainer._save_checkpoint()
     state = json.loads((tmp_path / "global_step_7" / "opd_state.json").read_text())
-    assert state == {"advantage_step": 7, "teacher_calls": 7, "global_step": 7, "health_adv_scale": None}
+    assert state == {"advantage_step": 7, "teacher_calls": 7, "global_step": 7}
 
     trainer.health.previous_adv_scale = 0.25  # the advantage-jump alarm's reference survives a resume
     trainer._save_checkpoint()
