@@ -46,7 +46,11 @@ def apply_cpu_runtime(cfg: DictConfig, metrics_file: str | None = None) -> DictC
         os.environ["VERL_FILE_LOGGER_PATH"] = metrics_file
     with open_dict(cfg):
         OmegaConf.update(cfg, "ray_kwargs.ray_init.num_cpus", LOGICAL_CPUS, force_add=True)
-        OmegaConf.update(cfg, "ray_kwargs.ray_init.num_gpus", required_logical_gpus(cfg), force_add=True)
+        # A larger count the user gave (+ray_kwargs.ray_init.num_gpus=N) is kept.
+        given = OmegaConf.select(cfg, "ray_kwargs.ray_init.num_gpus", default=None) or 0
+        OmegaConf.update(
+            cfg, "ray_kwargs.ray_init.num_gpus", max(int(given), required_logical_gpus(cfg)), force_add=True
+        )
         OmegaConf.update(cfg, "ray_kwargs.ray_init.include_dashboard", False, force_add=True)
         existing = OmegaConf.select(cfg, "ray_kwargs.ray_init.runtime_env.env_vars", default=None) or {}
         merged = {**dict(existing), **env}
@@ -65,7 +69,7 @@ def check_cpu_runtime(cfg: DictConfig) -> None:
         raise CPURuntimeError(
             f"ray_kwargs.ray_init.num_gpus={have} but the resource pools need {need} logical GPUs on CPU "
             "(trainer.n_gpus_per_node*nnodes + distillation/teacher pools); veRL would wait forever. "
-            "Set ray_kwargs.ray_init.num_gpus or run through opd_verl's CPU preset."
+            f"Add +ray_kwargs.ray_init.num_gpus={need} to the command line or run through opd_verl's CPU preset."
         )
     cpus = OmegaConf.select(cfg, "ray_kwargs.ray_init.num_cpus", default=None)
     units = int(OmegaConf.select(cfg, "transfer_queue.backend.SimpleStorage.num_data_storage_units", default=8))

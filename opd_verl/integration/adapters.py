@@ -197,6 +197,14 @@ def make_distillation_loss(name: str):
             margins=margins,
             lam=lam,
         )
+        if "rollout_is_weights" in keys:
+            # veRL 0.9.1's policy-gradient wrapper would pass the micro-batch's rollout_is_weights on nested, which
+            # its loss aggregation cannot mask. PPO-clip's per-token loss is positively homogeneous in the advantage
+            # (loss(w * A) == w * loss(A) for w >= 0), so the weights go into A here and out of the micro-batch.
+            weights = _padded(data["rollout_is_weights"], 0.0).to(adv.dtype)
+            adv = adv * weights
+            del data["rollout_is_weights"]
+            metrics["opd/rollout_is_weight_mean"] = float(weights[mask].mean()) if mask.any() else 0.0
         return -adv, metrics
 
     loss_fn.__name__ = f"compute_{name}_distillation_loss"
@@ -204,7 +212,8 @@ def make_distillation_loss(name: str):
     loss_fn.__doc__ = (
         f"opd_verl distillation loss {name!r}: -A per token from data's old_log_probs, teacher_logprobs "
         "(sampled token), ref_log_prob and optional opd_sentence_ids/opd_margins/opd_lam. Use with "
-        "use_policy_gradient=true so veRL's wrapper optimises PPO-clip with advantages A."
+        "use_policy_gradient=true so veRL's wrapper optimises PPO-clip with advantages A. Rollout importance "
+        "weights (rollout_is_weights) are folded into A and removed from data (veRL 0.9.1 cannot apply them there)."
     )
     return loss_fn
 

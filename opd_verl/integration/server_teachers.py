@@ -7,6 +7,10 @@ for those objectives the plugin's registered distillation loss ``opd_pipeline`` 
 with the pipeline's advantages. The stage parameters reach the actor workers as JSON in their environment
 (``OPD_VERL_STAGE_PARAMS``, read by `opd_verl.integration.adapters`).
 
+veRL's advantage step still runs with `algorithm.adv_estimator`, without log-probs, and its result feeds only the
+policy loss that `use_task_rewards=false` zeroes: the estimator is set to veRL's `grpo` (the plugin's need the
+log-probs). Rollout importance weights are applied inside the pipeline loss (`opd_verl.integration.adapters`).
+
 What the servers cannot provide is refused by `opd_verl.config` before this runs: the release rule (teacher
 log-probs at the student's top-K ids), reward correction (a third model), per-teacher lam, routing by an
 `extra_info` field, task-reward mixing and annealed weights.
@@ -22,6 +26,7 @@ from opd_verl.config import OPDConfig, OPDConfigError
 from opd_verl.integration.adapters import STAGE_PARAMS_ENV
 
 LOSS_MODE = "opd_pipeline"
+STOCK_ESTIMATOR = "grpo"
 
 
 def stage_params_json(opd_section: dict) -> str:
@@ -37,7 +42,8 @@ def apply_server_teachers(cfg: DictConfig, opd: OPDConfig) -> DictConfig:
         opd: its validated `opd` section.
 
     Returns:
-        `cfg`, with `distillation.*`, `ray_kwargs.ray_init.runtime_env.env_vars` and the teacher entries set.
+        `cfg`, with `distillation.*`, `ray_kwargs.ray_init.runtime_env.env_vars`, the teacher entries and
+        `algorithm.adv_estimator` (a stock estimator) set.
     """
     teachers = opd.teachers
     pool = teachers.nnodes * teachers.n_gpus_per_node
@@ -70,6 +76,9 @@ def apply_server_teachers(cfg: DictConfig, opd: OPDConfig) -> DictConfig:
         dist.distillation_loss.loss_mode = LOSS_MODE
         dist.distillation_loss.use_policy_gradient = True
         dist.distillation_loss.use_task_rewards = False
+        # veRL's trainer still runs its stock advantage step, whose result feeds only the policy loss that
+        # use_task_rewards=false zeroes; the plugin's estimators need log-probs that step does not pass.
+        cfg.algorithm.adv_estimator = STOCK_ESTIMATOR
         OmegaConf.update(
             cfg,
             f"ray_kwargs.ray_init.runtime_env.env_vars.{STAGE_PARAMS_ENV}",
