@@ -47,8 +47,9 @@ def test_two_steps_then_resume(demo_run, tmp_path):
     assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "summary.json").exists()
 
     _run(demo_run, "resume", "trainer.total_training_steps=3", "trainer.save_freq=-1", "trainer.resume_mode=auto")
-    resumed = demo_run.metrics()  # the file logger starts a new file per run
-    assert sorted(resumed) == [3], f"resume did not start after the step-2 checkpoint: steps {sorted(resumed)}"
+    resumed = demo_run.metrics()  # the resumed run appends to the history of the first
+    assert sorted(resumed) == [1, 2, 3], f"resume did not continue after the step-2 checkpoint: {sorted(resumed)}"
+    assert resumed[1] == metrics[1] and resumed[2] == metrics[2], "the resume rewrote the history of steps 1-2"
     for key in REQUIRED:
         assert math.isfinite(float(resumed[3][key]))
     # A fresh start has actor == reference at its first update (kl_loss 0, as at step 1 above); after loading the

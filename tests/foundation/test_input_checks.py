@@ -55,6 +55,10 @@ def test_schema_and_base_config_agree(compose_cfg):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
             if dataclasses.is_dataclass(default):
                 yield from fields(type(default), f"{prefix}{f.name}.")
+            elif f.name == "alarms":  # opd.health: one section per alarm, its action and its thresholds
+                for alarm, conf in default.items():
+                    yield f"{prefix}{alarm}.action"
+                    yield from (f"{prefix}{alarm}.{limit}" for limit in conf.limits)
             elif sub is None:
                 yield f"{prefix}{f.name}"
 

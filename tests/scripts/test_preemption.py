@@ -164,6 +164,7 @@ def test_term_survives_ray_init_in_the_driver(monkeypatch, tmp_path):
     import verl.trainer.main_ppo as main_ppo
     from omegaconf import OmegaConf
 
+    import opd_verl.cpu_port.activate as cpu_activate
     import opd_verl.main as main
 
     def ray_like_init(*args, **kwargs):  # what ray/_private/worker.py does in ray.init
@@ -182,6 +183,7 @@ def test_term_survives_ray_init_in_the_driver(monkeypatch, tmp_path):
     monkeypatch.setattr(main_ppo, "run_ppo", fake_run_ppo)
     monkeypatch.setattr(main, "validate_verl", lambda cfg: None)
     monkeypatch.setattr(main, "_task_runner", lambda opd: None)
+    monkeypatch.setattr(cpu_activate, "is_active", lambda: False)  # a driver without the CPU shims
     main.launch(OmegaConf.create({"opd": {"cpu_demo": "false"}}), None)
     assert seen == ["SIGTERM"] and (tmp_path / "flag").exists()
     assert ray.init is ray_like_init  # restored after the run
