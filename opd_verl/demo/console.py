@@ -70,8 +70,9 @@ def step_line(step: int, total: int | None, data: dict) -> str:
 class StepPrinter:
     """Follow `metrics_file` in a thread and print a progress bar and one `step_line` per logged step.
 
-    Use as a context manager around the training call; the file is removed first (veRL's file logger rewrites it
-    at start, and a previous run's lines must not be printed as this run's).
+    Use as a context manager around the training call. Lines already in the file (the history a resumed run keeps)
+    are not printed again; once that history is no longer the file's beginning (veRL's file logger starts a fresh
+    run's file empty) the file is read from its start.
     """
 
     def __init__(self, metrics_file: str, total_steps: int | None, log=None):
@@ -81,12 +82,15 @@ class StepPrinter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._offset = 0
+        self._history = b""
         self._partial = b""
         self._bar = None
 
     def __enter__(self) -> StepPrinter:
         if os.path.exists(self.metrics_file):
-            os.remove(self.metrics_file)
+            with open(self.metrics_file, "rb") as f:
+                self._history = f.read()
+            self._offset = len(self._history)
         if self._log is None:
             from tqdm import tqdm
 
@@ -118,10 +122,12 @@ class StepPrinter:
         """Print the complete lines appended to the metrics file since the last call."""
         try:
             with open(self.metrics_file, "rb") as f:
-                f.seek(self._offset)
-                chunk = f.read()
+                content = f.read()
         except FileNotFoundError:
             return
+        if self._history and not content.startswith(self._history):  # rewritten since: read it from its start
+            self._history, self._offset, self._partial = b"", 0, b""
+        chunk = content[self._offset :]
         self._offset += len(chunk)
         lines = (self._partial + chunk).split(b"\n")
         self._partial = lines.pop()

@@ -167,3 +167,17 @@ def test_greedy_accuracy_batches_rows_like_one_at_a_time(tmp_path):
     for row in rows[::2]:
         row["reward_model"]["ground_truth"] += "x"
     assert greedy_accuracy(model, tok, rows, max_new_tokens=6) == pytest.approx(33 / 66)
+
+
+def test_console_keeps_a_resumed_runs_history_and_prints_only_new_steps(tmp_path):
+    from opd_verl.demo.console import StepPrinter
+
+    metrics = tmp_path / "metrics.jsonl"
+    history = "".join(json.dumps({"step": s, "data": {"critic/score/mean": 0.5}}) + "\n" for s in (1, 2))
+    metrics.write_text(history)
+    printed = []
+    with StepPrinter(str(metrics), 3, log=printed.append):
+        with open(metrics, "a") as f:  # the resumed run appends after the kept rows
+            f.write(json.dumps({"step": 3, "data": {"critic/score/mean": 1.0}}) + "\n")
+    assert metrics.read_text().startswith(history)  # the history is left in place
+    assert printed == ["step 3/3  reward 1.00"]
