@@ -83,6 +83,31 @@ def validate_verl(cfg: DictConfig) -> None:
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
 
 
+def announce_resume(cfg: DictConfig) -> None:
+    """With ``trainer.resume_mode=auto``, say in the driver which checkpoint the run resumes from, which incomplete
+    ones it skips and which plugin state it restores (the trainer, in a Ray actor, does the same loading); a corrupt
+    plugin state file or a folder with no complete step stops the run here, before Ray starts."""
+    from opd_verl.trainer.checkpoints import STATE_FILE, CheckpointError, choose_resume_folder, load_state
+
+    if OmegaConf.select(cfg, "trainer.resume_mode") != "auto":
+        return
+    root = os.path.abspath(os.path.expanduser(cfg.trainer.default_local_dir))
+    try:
+        folder, skipped = choose_resume_folder(root)
+    except CheckpointError as err:
+        sys.exit(f"opd_verl: cannot resume: {err}")
+    for bad, why in skipped:
+        print(f"opd_verl: WARNING: skipping the incomplete checkpoint {bad} ({why}); resuming from {folder}")
+    if folder is not None:
+        path = os.path.join(folder, STATE_FILE)
+        try:
+            state = f"plugin state {load_state(path)} from {path}" if os.path.exists(path) else f"no {STATE_FILE}"
+        except CheckpointError as err:
+            sys.exit(f"opd_verl: cannot resume: {err}")
+        step = folder.rstrip("/").rsplit("global_step_", 1)[-1]
+        print(f"opd_verl: resuming at step {step} from {folder}; {state}", flush=True)
+
+
 def launch(cfg: DictConfig, opd: OPDConfig) -> None:
     """Validate veRL's own fields and run its trainer (Ray driver side)."""
     from verl.trainer.main_ppo import run_ppo
@@ -90,6 +115,7 @@ def launch(cfg: DictConfig, opd: OPDConfig) -> None:
     from opd_verl.cpu_port.activate import is_active as cpu_shims_active
 
     validate_verl(cfg)
+    announce_resume(cfg)
     if cpu_shims_active():
         from opd_verl.cpu_port.ray_setup import check_cpu_runtime
 

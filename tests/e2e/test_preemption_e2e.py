@@ -83,7 +83,7 @@ def test_term_checkpoints_then_resume_falls_back_and_keeps_history(demo_run, tmp
     (tmp_path / "resume.log").write_text(out)
     assert resumed.returncode == 0, out[-4000:]
     assert f"skipping the incomplete checkpoint {newest} ({victim.relative_to(newest)} has" in out, out[-4000:]
-    assert f"resumed at step {last - 1} from {run_dir / f'global_step_{last - 1}'}; plugin state" in out
+    assert f"resuming at step {last - 1} from {run_dir / f'global_step_{last - 1}'}; plugin state" in out
     assert str(run_dir / f"global_step_{last - 1}" / "opd_state.json") in out
     steps = sorted(s for s in demo_run.metrics() if s > 0)  # step 0: validation before training, when on
     assert steps == list(range(1, last + 2)), f"history lost on resume: {steps}"

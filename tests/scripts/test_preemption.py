@@ -187,3 +187,31 @@ def test_term_survives_ray_init_in_the_driver(monkeypatch, tmp_path):
     main.launch(OmegaConf.create({"opd": {"cpu_demo": "false"}}), None)
     assert seen == ["SIGTERM"] and (tmp_path / "flag").exists()
     assert ray.init is ray_like_init  # restored after the run
+
+
+def test_driver_announces_the_resume_and_skips_an_incomplete_step(tmp_path, capsys):
+    """`opd_verl.main.announce_resume`: before Ray starts, the driver names the skipped incomplete step, the step it
+    resumes from and the plugin state; a corrupt state file stops the run naming the file."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    import opd_verl.main as main
+    from opd_verl.trainer.checkpoints import write_manifest, write_pointer
+
+    for step in (1, 2):
+        folder = tmp_path / f"global_step_{step}"
+        (folder / "actor").mkdir(parents=True)
+        (folder / "actor" / "model.pt").write_bytes(b"x" * 64)
+        (folder / "opd_state.json").write_text(json.dumps({"advantage_step": step}))
+        write_manifest(str(folder))
+    write_pointer(str(tmp_path), 2)
+    (tmp_path / "global_step_2" / "actor" / "model.pt").write_bytes(b"x" * 7)  # killed while saving
+    cfg = OmegaConf.create({"trainer": {"resume_mode": "auto", "default_local_dir": str(tmp_path)}})
+    main.announce_resume(cfg)
+    out = capsys.readouterr().out
+    assert f"skipping the incomplete checkpoint {tmp_path / 'global_step_2'}" in out
+    assert f"resuming at step 1 from {tmp_path / 'global_step_1'}; plugin state {{'advantage_step': 1}}" in out
+    (tmp_path / "global_step_1" / "opd_state.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="opd_state.json"):
+        main.announce_resume(cfg)
