@@ -3,7 +3,9 @@
 Convention (TRL GKD): ``beta = 0`` is KL(teacher || student), ``beta = 1`` is KL(student || teacher), otherwise
 ``beta * KL(T || M) + (1 - beta) * KL(S || M)`` with the mixture ``M = beta * T + (1 - beta) * S`` in probability
 space. Both logits are divided by ``temperature`` first. Each per-(position, vocab) term is clamped from above at
-``pointwise_clip`` (when given) before the sum over the vocabulary. The teacher side is a constant (no gradient).
+``pointwise_clip`` (when given) before the sum over the vocabulary; a position is flagged as clipped when one of
+its terms is above the clip (the clamp lowered its sum), found in the same pass. The teacher side is a constant (no
+gradient).
 """
 
 from __future__ import annotations
@@ -41,34 +43,76 @@ def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return p * diff
 
 
+def _log_probs(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 log-softmax of both sides after dividing by ``temperature``.
+
+    Args:
+        student_logits: `(N, V)` (any float dtype; gradients flow through).
+        teacher_logits: `(N, V)` (treated as constants).
+
+    Returns:
+        (log_s, log_t): `(N, V)` float32 each.
+    """
+    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    return log_s, log_t
+
+
+def _gjsd_terms(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-(position, vocab) generalized JSD terms before the clip (their row sums are the divergences).
+
+    Args:
+        log_s, log_t: `(N, V)` float32 student / teacher log-probabilities.
+
+    Returns:
+        `(N, V)` float32 terms.
+    """
+    if beta == 0:
+        return _kl_terms(log_t, log_s)
+    if beta == 1:
+        return _kl_terms(log_s, log_t)
+    log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
+    return beta * _kl_terms(log_t, log_m) + (1.0 - beta) * _kl_terms(log_s, log_m)
+
+
+def _clipped_rows(terms: torch.Tensor, pointwise_clip: float | None) -> torch.Tensor:
+    """Where the pointwise clip lowers a row's sum: some term of the row is above the clip.
+
+    Args:
+        terms: `(N, V)` per-entry terms before the clip.
+
+    Returns:
+        `(N,)` bool; all False when the clip is off.
+    """
+    if pointwise_clip is None:
+        return torch.zeros(terms.shape[0], dtype=torch.bool, device=terms.device)
+    return terms.detach().amax(dim=-1) > pointwise_clip
+
+
 def _gjsd_rows(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     beta: float,
     temperature: float,
     pointwise_clip: float | None,
-) -> torch.Tensor:
-    """Generalized JSD of each row, summed over the last dimension, computed in float32.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized JSD of each row, summed over the last dimension, and its clip flags, from one pass in float32.
 
     Args:
         student_logits: `(N, V)` student logits (any float dtype; gradients flow through).
         teacher_logits: `(N, V)` teacher logits (treated as constants).
 
     Returns:
-        `(N,)` float32 per-row divergence.
+        rows: `(N,)` float32 per-row divergence.
+        clipped: `(N,)` bool, True where some term of the row was above ``pointwise_clip`` (clamped).
     """
-    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_t = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    if beta == 0:
-        terms = _kl_terms(log_t, log_s)
-    elif beta == 1:
-        terms = _kl_terms(log_s, log_t)
-    else:
-        log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
-        terms = beta * _kl_terms(log_t, log_m) + (1.0 - beta) * _kl_terms(log_s, log_m)
+    terms = _gjsd_terms(*_log_probs(student_logits, teacher_logits, temperature), beta)
+    clipped = _clipped_rows(terms, pointwise_clip)
     if pointwise_clip is not None:
         terms = terms.clamp(max=pointwise_clip)
-    return terms.sum(dim=-1)
+    return terms.sum(dim=-1), clipped
 
 
 def _gjsd_rows_grad(
@@ -91,49 +135,40 @@ def _gjsd_rows_grad(
     Returns:
         `(N, V)` float32 gradient of each row's divergence w.r.t. that row's student logits.
     """
-    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
     p_s = log_s.exp()
     zero = torch.zeros((), dtype=torch.float32, device=log_s.device)
     if beta == 0:
-        p_t = log_t.exp()
-        psg = -p_t
-        if pointwise_clip is not None:
-            psg = torch.where(_kl_terms(log_t, log_s) <= pointwise_clip, psg, zero)
+        psg = -log_t.exp()
     elif beta == 1:
-        diff = torch.where(p_s > 0, log_s - log_t, zero)
-        psg = p_s * (diff + 1.0)
-        if pointwise_clip is not None:
-            psg = torch.where(p_s * diff <= pointwise_clip, psg, zero)
+        psg = p_s * (torch.where(p_s > 0, log_s - log_t, zero) + 1.0)
     else:
         log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
-        diff_s = torch.where(p_s > 0, log_s - log_m, zero)
-        psg = (1.0 - beta) * p_s * diff_s
-        if pointwise_clip is not None:
-            terms = beta * _kl_terms(log_t, log_m) + (1.0 - beta) * p_s * diff_s
-            psg = torch.where(terms <= pointwise_clip, psg, zero)
+        psg = (1.0 - beta) * _kl_terms(log_s, log_m)
+    if pointwise_clip is not None:
+        psg = torch.where(_gjsd_terms(log_s, log_t, beta) <= pointwise_clip, psg, zero)
     return (psg - p_s * psg.sum(dim=-1, keepdim=True)) / temperature
 
 
 def _forward_kl_rows_inplace(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, pointwise_clip: float | None
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_gjsd_rows` at ``beta = 0`` (same operations, same values) without autograd, reusing its buffers.
 
     Args:
         student_logits: `(N, V)`; teacher_logits: `(N, V)`.
 
     Returns:
-        `(N,)` float32 per-row KL(teacher || student).
+        `(N,)` float32 per-row KL(teacher || student) and `(N,)` bool clip flags.
     """
-    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
     p_t = log_t.exp()
     diff = log_t.sub_(log_s)
     terms = torch.where(p_t > 0, diff, torch.zeros((), dtype=diff.dtype, device=diff.device), out=diff).mul_(p_t)
+    clipped = _clipped_rows(terms, pointwise_clip)
     if pointwise_clip is not None:
         terms.clamp_(max=pointwise_clip)
-    return terms.sum(dim=-1)
+    return terms.sum(dim=-1), clipped
 
 
 def _forward_kl_grad_inplace(
@@ -152,8 +187,7 @@ def _forward_kl_grad_inplace(
     Args:
         student_logits, teacher_logits: `(N, V)`; grad_out: `(N, 1)` float32; out: `(N, V)` destination.
     """
-    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
     g = log_t.exp()
     if pointwise_clip is not None:
         terms = torch.where(g > 0, log_t.sub_(log_s), torch.zeros((), dtype=g.dtype, device=g.device), out=log_t)
@@ -166,33 +200,32 @@ def _forward_kl_grad_inplace(
 class _ChunkedGJSD(torch.autograd.Function):
     """Row-chunked generalized JSD whose backward recomputes each chunk (checkpoint style, analytic gradient).
 
-    The forward keeps no `(N, V)` intermediate; the backward recomputes one chunk at a time and writes its
-    gradient, so the memory needed beyond the inputs and the returned gradient is O(chunk_size x V). Rows are
-    independent, so every row's value is that of the unchunked computation, and its gradient that of autograd
-    through it up to float32 rounding.
+    The forward keeps no `(N, V)` intermediate and returns the clip flags of the same pass; the backward
+    recomputes one chunk at a time and writes its gradient, so the memory needed beyond the inputs and the
+    returned gradient is O(chunk_size x V). Rows are independent, so every row's value is that of the unchunked
+    computation, and its gradient that of autograd through it up to float32 rounding.
     """
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, beta, temperature, pointwise_clip, chunk_size):
         n = student_logits.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=student_logits.device)
+        clipped = torch.empty(n, dtype=torch.bool, device=student_logits.device)
         with torch.no_grad():
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
+                s, t = student_logits[start:end], teacher_logits[start:end]
                 if beta == 0:
-                    out[start:end] = _forward_kl_rows_inplace(
-                        student_logits[start:end], teacher_logits[start:end], temperature, pointwise_clip
-                    )
+                    out[start:end], clipped[start:end] = _forward_kl_rows_inplace(s, t, temperature, pointwise_clip)
                 else:
-                    out[start:end] = _gjsd_rows(
-                        student_logits[start:end], teacher_logits[start:end], beta, temperature, pointwise_clip
-                    )
+                    out[start:end], clipped[start:end] = _gjsd_rows(s, t, beta, temperature, pointwise_clip)
         ctx.save_for_backward(student_logits, teacher_logits)
         ctx.args = (beta, temperature, pointwise_clip, chunk_size)
-        return out
+        ctx.mark_non_differentiable(clipped)
+        return out, clipped
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_clipped):
         student_logits, teacher_logits = ctx.saved_tensors
         beta, temperature, pointwise_clip, chunk_size = ctx.args
         grad_student = None
@@ -226,7 +259,8 @@ def generalized_jsd(
     temperature: float = 1.0,
     pointwise_clip: float | None = None,
     chunk_size: int | None = None,
-) -> torch.Tensor:
+    return_clipped: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-position generalized Jensen-Shannon divergence over the full vocabulary (docs/objectives.md section 5).
 
     ``beta = 0``: KL(teacher || student); ``beta = 1``: KL(student || teacher); otherwise
@@ -243,9 +277,13 @@ def generalized_jsd(
             those of the unchunked computation (rows are independent; the backward uses the closed-form gradient,
             equal to autograd's up to float32 rounding), and the memory needed beyond the inputs (and the gradient
             itself) is O(chunk_size x V) because the backward recomputes one chunk at a time.
+        return_clipped: also return where the clip lowered a position's divergence, from the same pass over the
+            vocabulary (no second pass without the clip).
 
     Returns:
-        `(...)` float32 divergence per position (summed over the vocabulary; no reduction over positions).
+        `(...)` float32 divergence per position (summed over the vocabulary; no reduction over positions); with
+        ``return_clipped``, also `(...)` bool: True where some term of the position was above ``pointwise_clip``
+        (so the clamp lowered its sum), all False when the clip is off.
     """
     _check_gjsd_args(beta, temperature, pointwise_clip, chunk_size)
     if student_logits.shape != teacher_logits.shape:
@@ -260,9 +298,13 @@ def generalized_jsd(
     student_2d = student_logits.reshape(-1, vocab)
     teacher_2d = teacher_logits.detach().reshape(-1, vocab)
     if chunk_size is None or chunk_size >= student_2d.shape[0]:
-        rows = _gjsd_rows(student_2d, teacher_2d, float(beta), float(temperature), pointwise_clip)
+        rows, clipped = _gjsd_rows(student_2d, teacher_2d, float(beta), float(temperature), pointwise_clip)
     else:
-        rows = _ChunkedGJSD.apply(student_2d, teacher_2d, float(beta), float(temperature), pointwise_clip, chunk_size)
+        rows, clipped = _ChunkedGJSD.apply(
+            student_2d, teacher_2d, float(beta), float(temperature), pointwise_clip, chunk_size
+        )
+    if return_clipped:
+        return rows.reshape(lead_shape), clipped.reshape(lead_shape)
     return rows.reshape(lead_shape)
 
 
@@ -275,7 +317,8 @@ def topk_generalized_jsd(
     pointwise_clip: float | None = None,
     teacher_topk_values: torch.Tensor | None = None,
     teacher_topk_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_clipped: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Generalized JSD restricted to the teacher's top-k ids, both sides renormalised over those ids.
 
     Give either the full ``teacher_logits`` (the top-``k`` ids are taken from them) or the teacher's own
@@ -291,9 +334,10 @@ def topk_generalized_jsd(
         beta, temperature, pointwise_clip: as in :func:`generalized_jsd`.
         teacher_topk_values: `(..., k)` teacher logits or log-probs at ``teacher_topk_ids``.
         teacher_topk_ids: `(..., k)` int64 token ids.
+        return_clipped: as in :func:`generalized_jsd` (flags over the k terms).
 
     Returns:
-        `(...)` float32 divergence per position.
+        `(...)` float32 divergence per position; with ``return_clipped``, also `(...)` bool clip flags.
     """
     _check_gjsd_args(beta, temperature, pointwise_clip, None)
     if teacher_logits is not None:
@@ -317,11 +361,14 @@ def topk_generalized_jsd(
         )
     student_k = student_logits.gather(-1, teacher_topk_ids.long())
     kk = student_k.shape[-1]
-    rows = _gjsd_rows(
+    rows, clipped = _gjsd_rows(
         student_k.reshape(-1, kk),
         teacher_topk_values.detach().reshape(-1, kk),
         float(beta),
         float(temperature),
         pointwise_clip,
     )
-    return rows.reshape(student_logits.shape[:-1])
+    lead_shape = student_logits.shape[:-1]
+    if return_clipped:
+        return rows.reshape(lead_shape), clipped.reshape(lead_shape)
+    return rows.reshape(lead_shape)

@@ -87,7 +87,8 @@ def opsd_token_divergence(
 
     Returns:
         divergence: `(N,)` float32, differentiable w.r.t. ``student_logits``.
-        clipped: `(N,)` bool, True where the pointwise clip lowered the token's divergence (a clamped term).
+        clipped: `(N,)` bool, True where the pointwise clip lowered the token's divergence (one of its terms was
+            above the clip), from the same pass over the vocabulary as the divergence.
     """
     if params.loss == "sampled":
         raise ValueError("opsd_token_divergence computes the full/topk variants; loss=sampled uses advantages")
@@ -97,36 +98,34 @@ def opsd_token_divergence(
             f"{tuple(teacher_logits.shape)}"
         )
     teacher_logits = teacher_logits.detach()
-
-    def divergence(clip):
-        if params.loss == "full":
-            return generalized_jsd(
-                student_logits, teacher_logits, params.beta, params.temperature, clip, params.chunk_size
-            )
-        k = min(params.topk, teacher_logits.shape[-1])
-        rows = []
-        for start in range(0, student_logits.shape[0], params.chunk_size):
-            end = start + params.chunk_size
-            rows.append(
-                topk_generalized_jsd(
-                    student_logits[start:end],
-                    teacher_logits[start:end],
-                    k=k,
-                    beta=params.beta,
-                    temperature=params.temperature,
-                    pointwise_clip=clip,
-                )
-            )
-        return torch.cat(rows) if rows else student_logits.new_zeros(0, dtype=torch.float32)
-
-    div = divergence(params.pointwise_clip)
-    if params.pointwise_clip is None:
-        return div, torch.zeros_like(div, dtype=torch.bool)
-    with torch.no_grad():
-        unclipped = divergence(None)
-        # A clamped term lowers the sum by (term - clip) > 0; the tolerance ignores float32 summation noise.
-        clipped = (unclipped - div.detach()) > 1e-6 * unclipped.abs().clamp(min=1.0)
-    return div, clipped
+    if params.loss == "full":
+        return generalized_jsd(
+            student_logits,
+            teacher_logits,
+            params.beta,
+            params.temperature,
+            params.pointwise_clip,
+            params.chunk_size,
+            return_clipped=True,
+        )
+    k = min(params.topk, teacher_logits.shape[-1])
+    divs, clips = [], []
+    for start in range(0, student_logits.shape[0], params.chunk_size):
+        end = start + params.chunk_size
+        div, clipped = topk_generalized_jsd(
+            student_logits[start:end],
+            teacher_logits[start:end],
+            k=k,
+            beta=params.beta,
+            temperature=params.temperature,
+            pointwise_clip=params.pointwise_clip,
+            return_clipped=True,
+        )
+        divs.append(div)
+        clips.append(clipped)
+    if not divs:
+        return student_logits.new_zeros(0, dtype=torch.float32), student_logits.new_zeros(0, dtype=torch.bool)
+    return torch.cat(divs), torch.cat(clips)
 
 
 def sampled_token_advantages(

@@ -12,28 +12,42 @@ from opd_verl.objectives import generalized_jsd, topk_generalized_jsd
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
 
 
-def _loop_reference(student, teacher, beta, temperature, clip):
-    """Per-position, per-vocab-entry float64 loop straight from the definition."""
+def _loop_reference(student, teacher, beta, temperature, clip, with_flags=False):
+    """Per-position, per-vocab-entry float64 loop straight from the definition (and, optionally, the clip flags:
+    whether some term of the position is above the clip)."""
     s = torch.log_softmax(student.double() / temperature, -1)
     t = torch.log_softmax(teacher.double() / temperature, -1)
     out = torch.zeros(student.shape[:-1], dtype=torch.float64)
+    flags = torch.zeros(student.shape[:-1], dtype=torch.bool)
     for idx in torch.cartesian_prod(*[torch.arange(n) for n in student.shape[:-1]]).reshape(-1, student.dim() - 1):
         idx = tuple(idx.tolist())
         total = 0.0
         for v in range(student.shape[-1]):
             ps, pt = math.exp(s[idx + (v,)]), math.exp(t[idx + (v,)])
             if beta == 0:
-                term = pt * (t[idx + (v,)] - s[idx + (v,)])
+                term = pt * (t[idx + (v,)] - s[idx + (v,)]) if pt > 0 else 0.0
             elif beta == 1:
                 term = ps * (s[idx + (v,)] - t[idx + (v,)])
             else:
                 m = beta * pt + (1 - beta) * ps
-                term = beta * pt * (math.log(pt) - math.log(m)) + (1 - beta) * ps * (math.log(ps) - math.log(m))
+                term = (beta * pt * (math.log(pt) - math.log(m)) if pt > 0 else 0.0) + (1 - beta) * ps * (
+                    math.log(ps) - math.log(m)
+                )
             if clip is not None:
+                flags[idx] |= bool(term > clip)
                 term = min(term, clip)
             total += float(term)
         out[idx] = total
-    return out
+    return (out, flags) if with_flags else out
+
+
+def _two_pass_flags(student, teacher, beta, temperature, clip):
+    """The clip flags as computed before they came from the divergence's own pass: a second full-vocabulary pass
+    without the clip, flagged where the clipped sum is lower (same tolerance as that code had)."""
+    with torch.no_grad():
+        clipped = generalized_jsd(student, teacher, beta=beta, temperature=temperature, pointwise_clip=clip)
+        unclipped = generalized_jsd(student, teacher, beta=beta, temperature=temperature)
+    return (unclipped - clipped) > 1e-6 * unclipped.abs().clamp(min=1.0)
 
 
 @pytest.mark.parametrize("beta", BETAS)
@@ -226,3 +240,60 @@ def test_topk_bad_arguments():
         topk_generalized_jsd(torch.zeros(2, 3), torch.zeros(2, 3), k=4)
     with pytest.raises(ValueError, match="teacher_logits"):
         topk_generalized_jsd(torch.zeros(2, 3))
+
+
+def _flag_case():
+    """Hand-made rows around a clip of 0.05: one-sided, near-equal and equal rows, -inf teacher entries."""
+    g = torch.Generator().manual_seed(11)
+    student = torch.randn(7, 9, generator=g) * 2
+    teacher = torch.randn(7, 9, generator=g) * 2
+    teacher[1] = student[1]  # identical rows: every term is 0, never clipped
+    teacher[4] = student[4] + 0.01 * torch.randn(9, generator=g)  # tiny terms, below the clip
+    teacher[2, -3:] = float("-inf")  # masked vocabulary entries (probability 0 under the teacher)
+    teacher[5, :4] = float("-inf")
+    return student, teacher
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 6, 7])
+def test_clip_flags_from_the_same_pass(beta, chunk_size):
+    student, teacher = _flag_case()
+    if beta == 1.0:  # KL(S || T) is infinite where the teacher has -inf; keep those rows finite for this variant
+        teacher = teacher.clamp(min=-30.0)
+    clip = 0.05
+    leaf = student.clone().requires_grad_(True)
+    div, flags = generalized_jsd(
+        leaf, teacher, beta=beta, temperature=1.1, pointwise_clip=clip, chunk_size=chunk_size, return_clipped=True
+    )
+    ref, ref_flags = _loop_reference(student, teacher, beta, 1.1, clip, with_flags=True)
+    assert flags.dtype == torch.bool and flags.shape == (7,)
+    assert 0 < int(flags.sum()) < 7  # the case has flagged and unflagged rows
+    assert not flags[1] and not flags[4]
+    assert torch.equal(flags, ref_flags)
+    assert torch.equal(flags, _two_pass_flags(student, teacher, beta, 1.1, clip))
+    torch.testing.assert_close(div.double(), ref, rtol=1e-5, atol=1e-6)
+    # the value (and its gradient) is the one the call without flags returns
+    plain = student.clone().requires_grad_(True)
+    alone = generalized_jsd(plain, teacher, beta=beta, temperature=1.1, pointwise_clip=clip, chunk_size=chunk_size)
+    assert torch.equal(div, alone)
+    weights = torch.arange(1.0, 8.0)
+    (div * weights).sum().backward()
+    (alone * weights).sum().backward()
+    torch.testing.assert_close(leaf.grad, plain.grad, rtol=0, atol=0)
+    assert not flags.requires_grad
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_clip_flags_off_and_topk(beta):
+    student, teacher = _flag_case()
+    teacher = teacher.clamp(min=-30.0)
+    div, flags = generalized_jsd(student, teacher, beta=beta, chunk_size=2, return_clipped=True)
+    assert not flags.any()
+    torch.testing.assert_close(div, generalized_jsd(student, teacher, beta=beta))
+    # top-k: the flags are those of the k-way distributions
+    ids = teacher.topk(4, dim=-1).indices
+    div_k, flags_k = topk_generalized_jsd(student, teacher, k=4, beta=beta, pointwise_clip=0.05, return_clipped=True)
+    s_k, t_k = student.gather(-1, ids), teacher.gather(-1, ids)
+    ref, ref_flags = _loop_reference(s_k, t_k, beta, 1.0, 0.05, with_flags=True)
+    assert torch.equal(flags_k, ref_flags) and ref_flags.any()
+    torch.testing.assert_close(div_k.double(), ref, rtol=1e-5, atol=1e-6)

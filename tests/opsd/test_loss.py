@@ -140,6 +140,62 @@ def test_topk_variant_and_clip_activation():
     torch.testing.assert_close(div_c, terms.clamp(max=0.02).sum(-1), rtol=1e-5, atol=1e-6)
 
 
+def _two_pass_token_divergence(s, t, params):
+    """The OPSD loss's divergence and clip flags as computed before the flags came from the same pass: the clipped
+    divergence, then a second full-vocabulary pass without the clip, flagged where the clipped sum is lower."""
+    div = generalized_jsd(s, t, params.beta, params.temperature, params.pointwise_clip, params.chunk_size)
+    with torch.no_grad():
+        unclipped = generalized_jsd(s, t, params.beta, params.temperature, None, params.chunk_size)
+        clipped = (unclipped - div.detach()) > 1e-6 * unclipped.abs().clamp(min=1.0)
+    return div, clipped
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_clip_flags_equal_two_pass_and_loop_over_samples(beta):
+    g = torch.Generator().manual_seed(2)
+    lengths = [3, 0, 5, 1, 4]  # an empty response, chunk boundaries inside and across samples (chunk_size 2)
+    vocab = 11
+    s_rows = [torch.randn(n, vocab, generator=g) * 2 for n in lengths]
+    t_rows = [torch.randn(n, vocab, generator=g) * 2 for n in lengths]
+    t_rows[2][1] = s_rows[2][1]  # a token where both agree: never clipped
+    params = OPSDLossParams(loss="full", beta=beta, temperature=1.1, pointwise_clip=0.05, chunk_size=2)
+    leaves = [r.clone().requires_grad_(True) for r in s_rows]
+    divs, clips = opsd_response_divergences(leaves, t_rows, params)
+    assert [d.shape[0] for d in divs] == lengths and [c.shape[0] for c in clips] == lengths
+    for s, t, d, c in zip(s_rows, t_rows, divs, clips):
+        ref_d, ref_c = _two_pass_token_divergence(s, t, params)
+        assert torch.equal(c, ref_c)
+        torch.testing.assert_close(d, ref_d, rtol=0, atol=0)
+        for i in range(s.shape[0]):  # naive loop over the vocabulary, float64
+            ps = torch.softmax(s[i].double() / 1.1, -1)
+            pt = torch.softmax(t[i].double() / 1.1, -1)
+            m = beta * pt + (1 - beta) * ps
+            if beta == 0:  # TRL convention: the ends are the plain KLs, not the mixture formula at 0 / 1
+                terms = [pt[v] * (pt[v] / ps[v]).log() for v in range(vocab)]
+            elif beta == 1:
+                terms = [ps[v] * (ps[v] / pt[v]).log() for v in range(vocab)]
+            else:
+                terms = [
+                    beta * pt[v] * (pt[v] / m[v]).log() + (1 - beta) * ps[v] * (ps[v] / m[v]).log()
+                    for v in range(vocab)
+                ]
+            assert bool(c[i]) == any(float(x) > 0.05 for x in terms)
+            assert float(d[i].detach()) == pytest.approx(sum(min(float(x), 0.05) for x in terms), rel=1e-5, abs=1e-6)
+    flags = torch.cat(clips)
+    assert 0 < int(flags.sum()) < flags.numel()
+    # the clip rate counts only tokens with a privileged context (sample 3 has none: masked out)
+    ctx = torch.cat([torch.full((n,), i != 3) for i, n in enumerate(lengths)])
+    lp = torch.zeros(flags.numel())
+    m = opsd_metrics(torch.cat(divs), flags, lp, lp, ctx, 4, 5)
+    assert m["opsd/clip_rate"] == pytest.approx(float(flags[ctx].float().mean()))
+    # the gradient is unchanged by the flags
+    sum(d.sum() for d in divs).backward()
+    for s, t, leaf in zip(s_rows, t_rows, leaves):
+        other = s.clone().requires_grad_(True)
+        _two_pass_token_divergence(other, t, params)[0].sum().backward()
+        torch.testing.assert_close(leaf.grad, other.grad, rtol=0, atol=0)
+
+
 def test_sampled_token_advantages():
     tch = torch.tensor([[-1.0, -2.0, float("-inf")], [-0.5, -0.1, -3.0]])
     stu = torch.tensor([[-1.5, -1.0, -2.0], [-0.5, -0.4, -1.0]])
