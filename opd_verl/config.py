@@ -1,12 +1,14 @@
 """The plugin's `opd` config section: typed view and validation.
 
 `load_opd_config(cfg)` reads the composed Hydra config (veRL's `ppo_trainer` plus `opd`), checks every rule
-below and returns frozen dataclasses. It runs in the driver before Ray or any worker starts, so a bad value
-costs nothing. Every error names the field, the value and what is allowed.
+below and returns frozen dataclasses; the stage sections (signal, weighting, release) are the objectives' own
+parameter classes (`opd_verl.objectives.compose`), which validate their fields. It runs in the driver before Ray
+or any worker starts, so a bad value costs nothing. Every error names the field, the value and what is allowed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -17,11 +19,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from opd_verl.health import HealthConfig, parse_health
+from opd_verl.objectives import ReleaseParams, SignalParams, StageParams, WeightingParams
+from opd_verl.objectives.checks import check_number
 
-SIGNALS = ("opd", "gopd", "opsd")
 REFERENCE_KINDS = ("student_init", "base_model")
-WEIGHTINGS = ("none", "iw", "prefix_mask", "suffix_mask", "prefix_weight")
-MARGINS = ("prob", "logprob")
 TEACHER_KINDS = ("local", "server")
 PLACEMENTS = ("colocated", "separate")
 OPSD_LOSSES = ("full", "topk", "sampled")
@@ -37,36 +38,9 @@ class OPDConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class SignalConfig:
-    name: str = "opd"
-    lam: float = 1.0
-
-
-@dataclass(frozen=True)
 class ReferenceConfig:
     kind: str = "student_init"
     path: str | None = None
-
-
-@dataclass(frozen=True)
-class WeightingConfig:
-    name: str = "none"
-    w_max: float = 1.5
-    fraction: float = 0.3
-    weight: float = 1.5
-    anneal: bool = False
-    fraction_end: float = 1.0
-
-
-@dataclass(frozen=True)
-class ReleaseConfig:
-    enabled: bool = False
-    top_k: int = 8
-    margin: str = "prob"
-    split_newlines: bool = True
-    min_segment: int = 2
-    penalty: float = 2.0
-    min_gain: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -116,15 +90,20 @@ class DataConfig:
 @dataclass(frozen=True)
 class OPDConfig:
     cpu_demo: str = "auto"
-    signal: SignalConfig = field(default_factory=SignalConfig)
+    signal: SignalParams = field(default_factory=SignalParams)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    weighting: WeightingConfig = field(default_factory=WeightingConfig)
-    release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    weighting: WeightingParams = field(default_factory=WeightingParams)
+    release: ReleaseParams = field(default_factory=ReleaseParams)
     task_coef: float = 0.0
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     opsd: OPSDConfig = field(default_factory=OPSDConfig)
     data: DataConfig = field(default_factory=DataConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+
+    @property
+    def stage_params(self) -> StageParams:
+        """What `compose_advantages` computes for this config (signal opd or gopd; OPSD has no stages)."""
+        return StageParams(self.signal, self.weighting, self.release, self.task_coef)
 
     @property
     def needs_reference(self) -> bool:
@@ -181,40 +160,27 @@ def _optional_str(section: dict, key: str, prefix: str) -> str | None:
     return None
 
 
-def _parse_signal(raw: dict) -> SignalConfig:
-    name = _choice(raw, "name", "signal.", SIGNALS)
-    lam = _number(raw, "lam", "signal.", low=0.0, low_open=True)
-    if name != "gopd" and lam != 1.0:
-        _fail("signal.lam", lam, f"lam applies to signal.name=gopd only (got signal.name={name}); use gopd, or lam=1")
-    return SignalConfig(name=name, lam=lam)
+def _typed(cls, raw: dict, key: str):
+    """``opd.<key>`` as the objectives' parameter class ``cls``, which validates it; its ValueError (naming the
+    ``opd.*`` field) becomes an OPDConfigError."""
+    section = raw.get(key) or {}
+    if not isinstance(section, dict):
+        _fail(key, section, "it must be a mapping")
+    with _as_config_error():
+        return cls(**section)
 
 
-def _parse_weighting(raw: dict) -> WeightingConfig:
-    p = "weighting."
-    return WeightingConfig(
-        name=_choice(raw, "name", p, WEIGHTINGS),
-        w_max=_number(raw, "w_max", p, low=1.0),
-        fraction=_number(raw, "fraction", p, low=0.0, high=1.0, low_open=True),
-        weight=_number(raw, "weight", p, low=0.0),
-        anneal=_flag(raw, "anneal", p),
-        fraction_end=_number(raw, "fraction_end", p, low=0.0, high=1.0, low_open=True),
-    )
+@contextlib.contextmanager
+def _as_config_error():
+    try:
+        yield
+    except OPDConfigError:
+        raise
+    except ValueError as err:
+        raise OPDConfigError(str(err)) from err
 
 
-def _parse_release(raw: dict) -> ReleaseConfig:
-    p = "release."
-    return ReleaseConfig(
-        enabled=_flag(raw, "enabled", p),
-        top_k=_number(raw, "top_k", p, low=2, integer=True),
-        margin=_choice(raw, "margin", p, MARGINS),
-        split_newlines=_flag(raw, "split_newlines", p),
-        min_segment=_number(raw, "min_segment", p, low=1, integer=True),
-        penalty=_number(raw, "penalty", p, low=0.0),
-        min_gain=_number(raw, "min_gain", p),
-    )
-
-
-def _parse_teachers(raw: dict, signal: SignalConfig, reference: ReferenceConfig) -> TeachersConfig:
+def _parse_teachers(raw: dict, signal: SignalParams, reference: ReferenceConfig) -> TeachersConfig:
     p = "teachers."
     routing_key = raw.get("routing_key")
     if not isinstance(routing_key, str) or not (
@@ -295,6 +261,11 @@ def _parse_opsd(raw: dict) -> OPSDConfig:
     )
 
 
+def _task_coef(value: Any) -> float:
+    with _as_config_error():
+        return check_number("opd.task_coef", value)
+
+
 def _veRL_has_reference_policy(cfg: DictConfig) -> bool:
     """Whether veRL will compute `ref_log_prob` (student-init reference) for this config."""
     from verl.trainer.ppo.utils import need_reference_policy
@@ -304,9 +275,6 @@ def _veRL_has_reference_policy(cfg: DictConfig) -> bool:
 
 def _cross_checks(opd: OPDConfig, cfg: DictConfig | None) -> None:
     signal, teachers = opd.signal, opd.teachers
-    if opd.weighting.name in ("none", "iw", "suffix_mask") and opd.weighting.anneal:
-        _fail("weighting.anneal", True, "annealing applies to prefix_mask and prefix_weight only")
-
     if signal.name == "opsd":
         # every OPSD loss, the sampled-token one included, is computed inside the actor: no advantage stage applies
         for stage, value, off in (
@@ -478,7 +446,7 @@ def parse_opd_section(raw: dict, cfg: DictConfig | None = None) -> OPDConfig:
     if unknown:
         raise OPDConfigError("; ".join(unknown) + ". Keys added with `+` must exist in the opd section's schema.")
     cpu_demo = parse_cpu_demo(raw.get("cpu_demo"))
-    signal = _parse_signal(raw.get("signal") or {})
+    signal = _typed(SignalParams, raw, "signal")
     ref_raw = raw.get("reference") or {}
     reference = ReferenceConfig(
         kind=_choice(ref_raw, "kind", "reference.", REFERENCE_KINDS),
@@ -490,9 +458,9 @@ def parse_opd_section(raw: dict, cfg: DictConfig | None = None) -> OPDConfig:
         cpu_demo=cpu_demo,
         signal=signal,
         reference=reference,
-        weighting=_parse_weighting(raw.get("weighting") or {}),
-        release=_parse_release(raw.get("release") or {}),
-        task_coef=_number(raw, "task_coef", ""),
+        weighting=_typed(WeightingParams, raw, "weighting"),
+        release=_typed(ReleaseParams, raw, "release"),
+        task_coef=_task_coef(raw.get("task_coef")),
         teachers=_parse_teachers(raw.get("teachers") or {}, signal, reference),
         opsd=_parse_opsd(raw.get("opsd") or {}),
         data=DataConfig(on_bad_row=_choice(raw.get("data") or {}, "on_bad_row", "data.", BAD_ROW_POLICIES)),

@@ -1,6 +1,7 @@
 """Pure-torch on-policy distillation objectives (docs/objectives.md). Imports only torch (and nltk for sentences)."""
 
 from opd_verl.objectives.compose import (
+    ADVANTAGE_SIGNALS,
     SIGNAL_NAMES,
     WEIGHTING_NAMES,
     ReleaseParams,
@@ -30,6 +31,7 @@ from opd_verl.objectives.weighting import (
 )
 
 __all__ = [
+    "ADVANTAGE_SIGNALS",
     "MARGIN_KINDS",
     "POSITION_MODES",
     "SIGNAL_NAMES",

@@ -14,29 +14,55 @@ __all__ = [
     "check_lam",
     "check_number",
     "check_int",
+    "check_choice",
+    "check_flag",
 ]
+
+
+def _refuse(name: str, value, allowed: str) -> None:
+    raise ValueError(f"{name}={value!r} is not allowed: {allowed}.")
 
 
 def check_number(
     name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False
 ) -> float:
     """``value`` as a float; ``ValueError`` naming ``name`` unless it is a finite number in the given range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        lo = "-inf" if low is None else f"{'(' if low_open else '['}{low}"
-        hi = "inf)" if high is None else f"{high}]"
-        raise ValueError(f"{name} must be a finite number in {lo}, {hi}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _refuse(name, value, "it must be a number")
+    if not math.isfinite(value):
+        _refuse(name, value, "it must be finite")
+    below = low is not None and (value <= low if low_open else value < low)
+    if below or (high is not None and value > high):
+        if low is not None and high is not None:
+            bounds = f"in {'(' if low_open else '['}{low}, {high}]"
+        elif low is not None:
+            bounds = f"{'>' if low_open else '>='} {low}"
+        else:
+            bounds = f"<= {high}"
+        _refuse(name, value, f"it must be {bounds}")
     return float(value)
 
 
 def check_int(name: str, value, low: int) -> int:
     """``value``; ``ValueError`` naming ``name`` unless it is an int (not a bool) >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        _refuse(name, value, "it must be an integer")
+    if value < low:
+        _refuse(name, value, f"it must be >= {low}")
+    return value
+
+
+def check_choice(name: str, value, allowed: tuple[str, ...]) -> str:
+    """``value``; ``ValueError`` naming ``name`` and the allowed values unless it is one of them."""
+    if value not in allowed:
+        _refuse(name, value, f"allowed values are {', '.join(allowed)}")
+    return value
+
+
+def check_flag(name: str, value) -> bool:
+    """``value``; ``ValueError`` naming ``name`` unless it is a bool."""
+    if not isinstance(value, bool):
+        _refuse(name, value, "it must be true or false")
     return value
 
 

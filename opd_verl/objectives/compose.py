@@ -1,7 +1,8 @@
 """Composition of the stages (docs/objectives.md section 6): ``A = release(weighting(signal)) + task_coef * task``.
 
-The parameter dataclasses mirror the ``opd:`` section of ``hydra_configs/opd_trainer.yaml`` field by field
-(``signal.*``, ``weighting.*``, ``release.*``, ``task_coef``), so a config maps onto them 1:1.
+The parameter dataclasses are the typed ``opd.signal``, ``opd.weighting`` and ``opd.release`` sections of
+``hydra_configs/opd_trainer.yaml`` (`opd_verl.config.OPDConfig` holds them): frozen, each field validated once, on
+construction, with the ``opd.*`` name in the error.
 """
 
 from __future__ import annotations
@@ -11,7 +12,16 @@ from typing import Any
 
 import torch
 
-from opd_verl.objectives.checks import check_lam, check_number, check_same_shape, masked, valid_mask
+from opd_verl.objectives.checks import (
+    check_choice,
+    check_flag,
+    check_int,
+    check_lam,
+    check_number,
+    check_same_shape,
+    masked,
+    valid_mask,
+)
 from opd_verl.objectives.release import MARGIN_KINDS, ReleaseResult, release_masked
 from opd_verl.objectives.signals import gopd_signal
 from opd_verl.objectives.weighting import (
@@ -24,6 +34,7 @@ from opd_verl.objectives.weighting import (
 
 __all__ = [
     "SIGNAL_NAMES",
+    "ADVANTAGE_SIGNALS",
     "WEIGHTING_NAMES",
     "SignalParams",
     "WeightingParams",
@@ -32,31 +43,39 @@ __all__ = [
     "compose_advantages",
 ]
 
-SIGNAL_NAMES = ("opd", "gopd", "opsd_sampled")
+SIGNAL_NAMES = ("opd", "gopd", "opsd")
+ADVANTAGE_SIGNALS = ("opd", "gopd")  # the signals computed here; opsd's losses are computed inside the actor
 WEIGHTING_NAMES = ("none", "iw", *POSITION_MODES)
+ANNEALED_WEIGHTINGS = ("prefix_mask", "prefix_weight")
 
 
-@dataclass
+def _set(params, name: str, value) -> None:
+    """Store the validated (normalised) value of a field of a frozen dataclass in its ``__post_init__``."""
+    object.__setattr__(params, name, value)
+
+
+@dataclass(frozen=True)
 class SignalParams:
-    """``opd.signal``: ``name`` in opd | gopd | opsd_sampled; ``lam`` the G-OPD reward scale (finite, > 0).
+    """``opd.signal``: ``name`` in opd | gopd | opsd; ``lam`` the G-OPD reward scale (finite, > 0; gopd only).
 
-    ``opsd_sampled`` is OPSD's sampled-token variant: ``teacher_logprobs`` are then the privileged-context
-    teacher's log-probs and the advantage is ``teacher - student`` (the full-vocabulary OPSD loss is not an
-    advantage; use :func:`opd_verl.objectives.generalized_jsd`).
+    ``opsd`` (on-policy self-distillation) selects a loss computed inside the actor (``opd.opsd.loss``, see
+    `opd_verl.workers.opsd_actor`), not an advantage: :class:`StageParams` refuses it.
     """
 
     name: str = "opd"
     lam: float = 1.0
 
     def __post_init__(self):
-        if self.name not in SIGNAL_NAMES:
-            raise ValueError(f"opd.signal.name must be one of {list(SIGNAL_NAMES)}, got {self.name!r}")
-        check_number("opd.signal.lam", self.lam, 0.0, low_open=True)
+        check_choice("opd.signal.name", self.name, SIGNAL_NAMES)
+        _set(self, "lam", check_number("opd.signal.lam", self.lam, 0.0, low_open=True))
         if self.name != "gopd" and self.lam != 1.0:
-            raise ValueError(f"opd.signal.lam={self.lam} applies only to signal.name=gopd; {self.name!r} needs lam=1")
+            raise ValueError(
+                f"opd.signal.lam={self.lam!r} is not allowed: lam applies to signal.name=gopd only "
+                f"(got signal.name={self.name}); use gopd, or lam=1"
+            )
 
 
-@dataclass
+@dataclass(frozen=True)
 class WeightingParams:
     """``opd.weighting``: ``name`` in none | iw | prefix_mask | suffix_mask | prefix_weight (section 3)."""
 
@@ -68,21 +87,21 @@ class WeightingParams:
     fraction_end: float = 1.0
 
     def __post_init__(self):
-        if self.name not in WEIGHTING_NAMES:
-            raise ValueError(f"opd.weighting.name must be one of {list(WEIGHTING_NAMES)}, got {self.name!r}")
-        check_number("opd.weighting.w_max", self.w_max, 1.0)
-        check_number("opd.weighting.fraction", self.fraction, 0.0, 1.0, low_open=True)
-        check_number("opd.weighting.weight", self.weight, 0.0)
-        check_number("opd.weighting.fraction_end", self.fraction_end, 0.0, 1.0, low_open=True)
-        if not isinstance(self.anneal, bool):
-            raise ValueError(f"opd.weighting.anneal must be true or false, got {self.anneal!r}")
-        if self.anneal and self.name not in ("prefix_mask", "prefix_weight"):
+        check_choice("opd.weighting.name", self.name, WEIGHTING_NAMES)
+        _set(self, "w_max", check_number("opd.weighting.w_max", self.w_max, 1.0))
+        _set(self, "fraction", check_number("opd.weighting.fraction", self.fraction, 0.0, 1.0, low_open=True))
+        _set(self, "weight", check_number("opd.weighting.weight", self.weight, 0.0))
+        check_flag("opd.weighting.anneal", self.anneal)
+        end = check_number("opd.weighting.fraction_end", self.fraction_end, 0.0, 1.0, low_open=True)
+        _set(self, "fraction_end", end)
+        if self.anneal and self.name not in ANNEALED_WEIGHTINGS:
             raise ValueError(
-                f"opd.weighting.anneal=true applies only to name in ['prefix_mask', 'prefix_weight'], got {self.name!r}"
+                f"opd.weighting.anneal=True is not allowed: annealing applies to prefix_mask and prefix_weight only "
+                f"(got opd.weighting.name={self.name!r})"
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReleaseParams:
     """``opd.release``: the Prefix-Teach release rule (section 4).
 
@@ -99,23 +118,19 @@ class ReleaseParams:
     min_gain: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"opd.release.enabled must be true or false, got {self.enabled!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 2:
-            raise ValueError(f"opd.release.top_k must be an int >= 2, got {self.top_k!r}")
-        if self.margin not in MARGIN_KINDS:
-            raise ValueError(f"opd.release.margin must be one of {list(MARGIN_KINDS)}, got {self.margin!r}")
-        if not isinstance(self.split_newlines, bool):
-            raise ValueError(f"opd.release.split_newlines must be true or false, got {self.split_newlines!r}")
-        if isinstance(self.min_segment, bool) or not isinstance(self.min_segment, int) or self.min_segment < 1:
-            raise ValueError(f"opd.release.min_segment must be an int >= 1, got {self.min_segment!r}")
-        check_number("opd.release.penalty", self.penalty, 0.0)
-        check_number("opd.release.min_gain", self.min_gain)
+        check_flag("opd.release.enabled", self.enabled)
+        check_int("opd.release.top_k", self.top_k, 2)
+        check_choice("opd.release.margin", self.margin, MARGIN_KINDS)
+        check_flag("opd.release.split_newlines", self.split_newlines)
+        check_int("opd.release.min_segment", self.min_segment, 1)
+        _set(self, "penalty", check_number("opd.release.penalty", self.penalty, 0.0))
+        _set(self, "min_gain", check_number("opd.release.min_gain", self.min_gain))
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageParams:
-    """The three stages plus the task-reward coefficient: the ``opd:`` config section's stage fields."""
+    """What :func:`compose_advantages` computes: signal, weighting, release and the task-reward coefficient (the
+    ``opd:`` config section's fields of the same names). Mappings are accepted for the three parts."""
 
     signal: SignalParams = field(default_factory=SignalParams)
     weighting: WeightingParams = field(default_factory=WeightingParams)
@@ -126,10 +141,15 @@ class StageParams:
         for name, cls in (("signal", SignalParams), ("weighting", WeightingParams), ("release", ReleaseParams)):
             value = getattr(self, name)
             if isinstance(value, dict):
-                setattr(self, name, _from_mapping(cls, value, f"opd.{name}"))
+                _set(self, name, _from_mapping(cls, value, f"opd.{name}"))
             elif not isinstance(value, cls):
                 raise ValueError(f"opd.{name} must be a {cls.__name__} or a mapping, got {type(value).__name__}")
-        check_number("opd.task_coef", self.task_coef)
+        if self.signal.name not in ADVANTAGE_SIGNALS:
+            raise ValueError(
+                f"opd.signal.name={self.signal.name!r} is not allowed here: its losses are computed inside the actor "
+                f"(opd_verl.workers.opsd_actor), not as advantages; allowed values are {', '.join(ADVANTAGE_SIGNALS)}"
+            )
+        _set(self, "task_coef", check_number("opd.task_coef", self.task_coef))
 
     @classmethod
     def from_config(cls, opd_section: Any) -> StageParams:
@@ -177,8 +197,7 @@ def compose_advantages(
 
     Args:
         student_logprobs: `(B, T)` recomputed ``old_log_probs`` of the sampled tokens.
-        teacher_logprobs: `(B, T)` teacher log-probs of the same tokens (the privileged teacher's for
-            ``opsd_sampled``).
+        teacher_logprobs: `(B, T)` teacher log-probs of the same tokens.
         response_mask: `(B, T)` 1 on response tokens.
         params: the stages.
         ref_logprobs: `(B, T)` reference log-probs; required when the signal is ``gopd`` with some lam != 1.

@@ -65,6 +65,22 @@ def test_schema_and_base_config_agree(compose_cfg):
     assert set(fields(OPDConfig)) == leaves
 
 
+def test_base_config_values_are_the_dataclass_defaults(compose_cfg):
+    """The base config writes every default of the `opd` section once more (with its comment); both agree, and
+    the OPSD loss settings of the actor workers default to the same values."""
+    from opd_verl.opsd import OPSDLossParams
+
+    parsed, default = load_opd_config(compose_cfg(TEACHER)), OPDConfig()
+    for section in ("cpu_demo", "signal", "reference", "weighting", "release", "task_coef", "data", "health"):
+        assert getattr(parsed, section) == getattr(default, section), section
+    assert dataclasses.replace(parsed.teachers, models=()) == default.teachers
+    # the prompt templates have no dataclass default (the parser refuses an empty one): the base config's are used
+    templates = {"student_template": "", "teacher_template": ""}
+    assert dataclasses.replace(parsed.opsd, **templates) == default.opsd
+    loss_defaults = dataclasses.asdict(OPSDLossParams())
+    assert loss_defaults == {key: getattr(parsed.opsd, key) for key in loss_defaults}
+
+
 def test_model_paths_named(compose_cfg, tmp_path):
     student = tmp_path / "student"
     student.mkdir()

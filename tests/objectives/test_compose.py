@@ -36,7 +36,7 @@ def _batch(seed, b=3, t=12):
 @settings(max_examples=30, deadline=None)
 @given(
     seed=st.integers(0, 1000),
-    signal=st.sampled_from(["opd", "gopd", "opsd_sampled"]),
+    signal=st.sampled_from(["opd", "gopd"]),
     lam=st.sampled_from([0.5, 1.0, 1.25]),
     weighting=st.sampled_from(["none", "iw", "prefix_mask", "suffix_mask", "prefix_weight"]),
     release_on=st.booleans(),
