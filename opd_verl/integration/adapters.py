@@ -6,13 +6,13 @@ Three kinds of entry, one per veRL hook that can carry what the objectives need:
   ``token_level_rewards, response_mask, config, index``; teacher/reference log-probs do not reach an estimator
   through it. The estimators below therefore take those tensors as extra keyword arguments
   (``student_logprobs``, ``teacher_logprobs``, ``ref_logprobs``, ``sentence_ids``, ``margins``) that a trainer
-  passes when it calls ``get_adv_estimator_fn(name)(...)`` itself (the plugin's trainer does, in its
-  ``_compute_advantage``); called without them they raise ``ValueError`` saying so.
+  passes when it calls ``get_adv_estimator_fn(name)(...)`` itself (a veRL fork's advantage step; the plugin's own
+  trainer calls ``compose_advantages`` directly); called without them they raise ``ValueError`` saying so.
   ``token_level_rewards`` + ``index`` give the task advantage (veRL's GRPO estimator) when ``task_coef != 0``.
 - **Distillation losses** (``distillation.distillation_loss.loss_mode``, estimator mode, with
   ``use_policy_gradient=true``): veRL's ``distillation_loss`` hands the whole micro-batch ``data``
   (``old_log_probs``, ``ref_log_prob``, ``teacher_logprobs`` of the sampled tokens from veRL's teacher servers,
-  and any field a trainer stored, e.g. ``opd_sentence_ids``/``opd_margins``/``opd_lam``). Each returns
+  and the release rule's ``opd_sentence_ids``/``opd_margins`` where a trainer stored them). Each returns
   per-token losses ``-A`` so that veRL's wrapper, which runs PPO-clip with ``advantages = -losses.detach()``,
   optimises exactly the advantages ``A`` of the pure functions.
 - **OPSD top-k GJSD** (``opsd_gjsd``): a distillation loss in top-k mode. veRL's own top-k logits processor is
@@ -21,10 +21,10 @@ Three kinds of entry, one per veRL hook that can carry what the objectives need:
   student logits and the teacher's top-k (``teacher_logprobs``/``teacher_ids``); as the final loss it delegates
   to veRL's ``distillation_ppo_loss``, which reads those per-token values back through the registered name.
 
-Stage parameters (lam, w_max, release settings, task_coef) come from :func:`set_stage_params`, or from the
-JSON in the environment variable ``OPD_VERL_STAGE_PARAMS`` (a mapping shaped like the ``opd:`` config section,
-so Ray workers see it through their runtime environment), or else the defaults of ``StageParams``; a call may
-also pass ``params=StageParams(...)``.
+The stages (``StageParams``: signal, weighting, release, task_coef) come from the JSON in the environment variable
+``OPD_VERL_STAGE_PARAMS`` (a mapping shaped like the ``opd:`` config section, which Ray workers see through their
+runtime environment; ``opd.teachers.kind=server`` writes it), else the defaults; an estimator call may also pass
+``params=StageParams(...)``.
 """
 
 from __future__ import annotations
@@ -40,9 +40,7 @@ from opd_verl.objectives import StageParams, compose_advantages, topk_generalize
 __all__ = [
     "STAGE_PARAMS_ENV",
     "ESTIMATOR_NAMES",
-    "set_stage_params",
     "get_stage_params",
-    "advantages_for",
     "make_adv_estimator",
     "make_distillation_loss",
     "opsd_gjsd_distillation_loss",
@@ -51,49 +49,19 @@ __all__ = [
 ]
 
 STAGE_PARAMS_ENV = "OPD_VERL_STAGE_PARAMS"
-ESTIMATOR_NAMES = ("opd_pipeline",)
-
-_STAGE_PARAMS: StageParams | None = None
-
-
-def set_stage_params(params: StageParams | dict | None) -> None:
-    """Set the process-wide stage parameters used by the registered names (None: back to env/defaults)."""
-    global _STAGE_PARAMS
-    if params is None or isinstance(params, StageParams):
-        _STAGE_PARAMS = params
-    elif isinstance(params, dict):
-        _STAGE_PARAMS = StageParams.from_config(params)
-    else:
-        raise ValueError(f"params must be a StageParams, a mapping or None, got {type(params).__name__}")
+ESTIMATOR_NAMES = ("opd_pipeline",)  # the registered name of `compose_advantages` (estimator and loss)
 
 
 def get_stage_params() -> StageParams:
-    """The configured stage parameters: :func:`set_stage_params`, else ``$OPD_VERL_STAGE_PARAMS``, else defaults."""
-    if _STAGE_PARAMS is not None:
-        return _STAGE_PARAMS
+    """The stages from ``$OPD_VERL_STAGE_PARAMS``, else the defaults."""
     raw = os.environ.get(STAGE_PARAMS_ENV)
-    if raw:
-        try:
-            mapping = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{STAGE_PARAMS_ENV} must hold a JSON object like the opd: section: {err}") from err
-        return StageParams.from_config(mapping)
-    return StageParams()
-
-
-def advantages_for(
-    student_logprobs: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    params: StageParams | None = None,
-    lam: float | torch.Tensor | None = None,
-    **inputs: Any,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """`(B, T)` advantages and metrics of the configured stages (``params``, else :func:`get_stage_params`)."""
-    stage = params if params is not None else get_stage_params()
-    lam = lam if stage.signal.name == "gopd" else None
-    return compose_advantages(student_logprobs, teacher_logprobs, response_mask, params=stage, lam=lam, **inputs)
+    if not raw:
+        return StageParams()
+    try:
+        mapping = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{STAGE_PARAMS_ENV} must hold a JSON object like the opd: section: {err}") from err
+    return StageParams.from_config(mapping)
 
 
 def make_adv_estimator(name: str):
@@ -120,8 +88,8 @@ def make_adv_estimator(name: str):
         if student_logprobs is None or teacher_logprobs is None:
             raise ValueError(
                 f"adv_estimator={name!r} needs student_logprobs and teacher_logprobs, which veRL's compute_advantage "
-                "does not pass: use the opd_verl trainer (it calls this estimator with them), or call "
-                "opd_verl.objectives directly from your trainer's advantage step"
+                "does not pass: use the opd_verl trainer, pass them from your trainer's advantage step, or call "
+                "opd_verl.objectives.compose_advantages there"
             )
         stage = params if params is not None else get_stage_params()
         task = None
@@ -131,10 +99,11 @@ def make_adv_estimator(name: str):
             from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
             task, _ = compute_grpo_outcome_advantage(token_level_rewards, response_mask, index)
-        adv, adv_metrics = advantages_for(
+        adv, adv_metrics = compose_advantages(
             student_logprobs,
             teacher_logprobs,
             response_mask,
+            params=stage,
             ref_logprobs=ref_logprobs,
             sentence_ids=sentence_ids,
             margins=margins,
@@ -142,7 +111,6 @@ def make_adv_estimator(name: str):
             lam=lam,
             step=step,
             total_steps=total_steps,
-            params=stage,
         )
         if metrics is not None:
             metrics.update(adv_metrics)
@@ -187,15 +155,8 @@ def make_distillation_loss(name: str):
         ref = _padded(data["ref_log_prob"]) if "ref_log_prob" in keys else None
         sids = _padded(data["opd_sentence_ids"], 0) if "opd_sentence_ids" in keys else None
         margins = _padded(data["opd_margins"]) if "opd_margins" in keys else None
-        lam = data["opd_lam"].reshape(-1).float() if "opd_lam" in keys else None
-        adv, metrics = advantages_for(
-            student,
-            teacher,
-            mask,
-            ref_logprobs=ref,
-            sentence_ids=sids,
-            margins=margins,
-            lam=lam,
+        adv, metrics = compose_advantages(
+            student, teacher, mask, params=get_stage_params(), ref_logprobs=ref, sentence_ids=sids, margins=margins
         )
         if "rollout_is_weights" in keys:
             # veRL 0.9.1's policy-gradient wrapper would pass the micro-batch's rollout_is_weights on nested, which
@@ -211,7 +172,7 @@ def make_distillation_loss(name: str):
     loss_fn.__qualname__ = loss_fn.__name__
     loss_fn.__doc__ = (
         f"opd_verl distillation loss {name!r}: -A per token from data's old_log_probs, teacher_logprobs "
-        "(sampled token), ref_log_prob and optional opd_sentence_ids/opd_margins/opd_lam. Use with "
+        "(sampled token), ref_log_prob and optional opd_sentence_ids/opd_margins. Use with "
         "use_policy_gradient=true so veRL's wrapper optimises PPO-clip with advantages A. Rollout importance "
         "weights (rollout_is_weights) are folded into A and removed from data (veRL 0.9.1 cannot apply them there)."
     )

@@ -18,6 +18,7 @@ log-probs at the student's top-K ids), reward correction (a third model), per-te
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -29,9 +30,9 @@ LOSS_MODE = "opd_pipeline"
 STOCK_ESTIMATOR = "grpo"
 
 
-def stage_params_json(opd_section: dict) -> str:
-    """The stage part of the `opd` section (signal, weighting, release, task_coef) as the workers read it."""
-    return json.dumps({key: opd_section[key] for key in ("signal", "weighting", "release", "task_coef")})
+def stage_params_json(opd: OPDConfig) -> str:
+    """The stages of the parsed `opd` section (signal, weighting, release, task_coef) as the workers read them."""
+    return json.dumps(dataclasses.asdict(opd.stage_params))
 
 
 def apply_server_teachers(cfg: DictConfig, opd: OPDConfig) -> DictConfig:
@@ -65,7 +66,6 @@ def apply_server_teachers(cfg: DictConfig, opd: OPDConfig) -> DictConfig:
         entry["num_replicas"] = pool // (per_replica * len(teachers.models))
         entries["teacher_model" if len(teachers.models) == 1 else f"opd_{teacher.name}"] = entry
 
-    section = OmegaConf.to_container(cfg.opd, resolve=True)
     with open_dict(cfg):
         dist = cfg.distillation
         dist.enabled = True
@@ -82,7 +82,7 @@ def apply_server_teachers(cfg: DictConfig, opd: OPDConfig) -> DictConfig:
         OmegaConf.update(
             cfg,
             f"ray_kwargs.ray_init.runtime_env.env_vars.{STAGE_PARAMS_ENV}",
-            stage_params_json(section),
+            stage_params_json(opd),
             force_add=True,
         )
     return cfg

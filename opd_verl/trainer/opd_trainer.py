@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 
@@ -407,7 +407,7 @@ class OPDTrainer(PluginTrainer):
         """
         from opd_verl.objectives import compose_advantages
 
-        params = self._stage_params()
+        params = self.opd.stage_params
         inputs, nonfinite = self._objective_inputs(data, owners, base_ref), None
         task = None
         if params.task_coef != 0.0:
@@ -444,11 +444,6 @@ class OPDTrainer(PluginTrainer):
         teacher = inputs["teacher"][mask]
         metrics["opd/teacher_log_prob"] = float(teacher.mean()) if teacher.numel() else 0.0  # over response tokens
         return advantages, advantages
-
-    def _stage_params(self):
-        from opd_verl.objectives import StageParams
-
-        return StageParams.from_config(OmegaConf.to_container(self.config.opd, resolve=True))
 
     def _objective_inputs(self, data, owners: list[int], base_ref) -> dict[str, torch.Tensor | None]:
         """`(B, T)` inputs of the objectives from the padded batch; lam per sample `(B,)`."""

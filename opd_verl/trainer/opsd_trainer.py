@@ -9,6 +9,7 @@ advantages: the OPSD losses, the sampled-token one included, are computed inside
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from verl.trainer.ppo.core_algos import register_adv_est
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 
-from opd_verl.config import OPSD_ESTIMATOR
+from opd_verl.config import OPSD_ESTIMATOR, OPSDConfig
 from opd_verl.trainer.base import PluginTrainer
 from opd_verl.trainer.opd_trainer import OPDTaskRunnerBase
 
@@ -42,11 +43,11 @@ def opsd_in_actor_advantage(token_level_rewards: torch.Tensor, response_mask: to
     return zeros, zeros.clone()
 
 
-def opsd_worker_settings(config: DictConfig) -> dict[str, Any]:
-    """The ``opd.opsd`` section as a plain dict plus ``chat_template_kwargs`` for the teacher's prompt:
+def opsd_worker_settings(opsd: OPSDConfig, config: DictConfig) -> dict[str, Any]:
+    """The parsed ``opd.opsd`` section as a plain dict plus ``chat_template_kwargs`` for the teacher's prompt:
     ``opd.opsd.teacher_chat_template_kwargs``, or when that is null the student's (veRL's
-    ``data.apply_chat_template_kwargs``)."""
-    settings = OmegaConf.to_container(config.opd.opsd, resolve=True)
+    ``data.apply_chat_template_kwargs`` of the whole ``config``)."""
+    settings = dataclasses.asdict(opsd)
     kwargs = settings.pop("teacher_chat_template_kwargs", None)
     if kwargs is None:
         kwargs = OmegaConf.select(config, "data.apply_chat_template_kwargs", default=None)
@@ -89,7 +90,7 @@ class OPSDTrainer(PluginTrainer):
     def _configure_opsd_workers(self) -> None:
         if self._opsd_configured:
             return
-        self.actor_rollout_wg.configure_opsd(opsd_worker_settings(self.config))
+        self.actor_rollout_wg.configure_opsd(opsd_worker_settings(self.opd.opsd, self.config))
         self._opsd_configured = True
 
     def _load_checkpoint(self):

@@ -9,11 +9,11 @@ the same module in the first call (``no_grad``, teacher weights from :class:`opd
 teacher logits never leave the actor process, and returns the per-token divergence with its graph; the second
 call aggregates it with veRL's ``agg_loss`` (``loss_agg_mode``, global token normalisation).
 
-:class:`OPSDActorRolloutRefWorker` is veRL's ``ActorRolloutRefWorker`` plus: the OPSD loss installed at
-``init_model`` (settings from ``configure_opsd`` or ``$OPD_VERL_STAGE_PARAMS``), the ``distillation_use_topk``
-flag on actor updates, the EMA update after every optimizer step, and the EMA state in actor checkpoints.
-Teacher prompts are built in the worker from each sample's dataset fields (``extra_info``, ``reward_model``, ...)
-that veRL's agent loop stores with every trajectory.
+:class:`OPSDActorRolloutRefWorker` is veRL's ``ActorRolloutRefWorker`` plus: the OPSD loss installed by
+``configure_opsd`` (the trainer's parsed ``opd.opsd`` settings, sent after ``init_model``), the
+``distillation_use_topk`` flag on actor updates, the EMA update after every optimizer step, and the EMA state in
+actor checkpoints. Teacher prompts are built in the worker from each sample's dataset fields (``extra_info``,
+``reward_model``, ...) that veRL's agent loop stores with every trajectory.
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def make_opsd_worker_class():
 
             engine = self.actor.engine
             module = engine.module
-            teacher = TeacherWeights(module, settings.get("teacher", "frozen"), settings.get("ema_decay", 0.999))
+            teacher = TeacherWeights(module, settings["teacher"], settings["ema_decay"])
             actor_config = omega_conf_to_dataclass(self.config.actor)
             actor_config.model_config = omega_conf_to_dataclass(self.config.model)
             tokenizer = actor_config.model_config.tokenizer
@@ -326,7 +326,7 @@ def make_opsd_worker_class():
         @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
         def update_actor(self, data):
             if self.opsd_loss is None:
-                raise RuntimeError("OPSD worker: configure_opsd was not called and $OPD_VERL_STAGE_PARAMS has no opsd")
+                raise RuntimeError("OPSD worker: configure_opsd was not called (the trainer calls it after init_model)")
             tu.assign_non_tensor_data(data, "distillation_use_topk", True)
             output = self.actor.train_mini_batch(data=data)
             return output.cpu() if output is not None else None

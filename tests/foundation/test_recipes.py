@@ -122,7 +122,8 @@ def test_opsd_recipe_follows_the_authors_sampling_and_per_side_thinking(compose_
     assert (rollout.temperature, rollout.top_p, rollout.top_k) == (1.1, 0.95, 20)
     assert rollout.temperature == load_opd_config(cfg).opsd.temperature
     student_kwargs = OmegaConf.to_container(cfg.data.apply_chat_template_kwargs)
-    teacher_kwargs = opsd_worker_settings(cfg)["chat_template_kwargs"]  # what the actor workers build prompts with
+    # what the actor workers build prompts with
+    teacher_kwargs = opsd_worker_settings(load_opd_config(cfg).opsd, cfg)["chat_template_kwargs"]
     assert student_kwargs == {"enable_thinking": False} and teacher_kwargs == {"enable_thinking": True}
 
     tokenizer = copy.deepcopy(build_tokenizer())
@@ -133,7 +134,7 @@ def test_opsd_recipe_follows_the_authors_sampling_and_per_side_thinking(compose_
 
     # Without teacher_chat_template_kwargs the teacher uses the student's setting.
     cfg = compose_cfg("+recipe=opsd", "opd.opsd.teacher_chat_template_kwargs=null")
-    assert opsd_worker_settings(cfg)["chat_template_kwargs"] == {"enable_thinking": False}
+    assert opsd_worker_settings(load_opd_config(cfg).opsd, cfg)["chat_template_kwargs"] == {"enable_thinking": False}
 
 
 def test_teacher_chat_template_kwargs_must_be_a_mapping(compose_cfg):

@@ -133,25 +133,23 @@ def _micro_batch(weights):
     return tu.get_tensordict(fields, non_tensor_dict={"dp_size": 1, "batch_num_tokens": None}), lens
 
 
-def test_rollout_is_weights_are_folded_into_the_advantages():
+def test_rollout_is_weights_are_folded_into_the_advantages(monkeypatch):
     """veRL 0.9.1 hands the micro-batch's nested rollout_is_weights to its PPO-clip loss, whose aggregation raises;
     the pipeline loss applies them to A instead, which gives veRL's weighted PPO-clip loss exactly."""
     import torch
     from omegaconf import OmegaConf as OC
     from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
 
-    from opd_verl.integration.adapters import make_distillation_loss, set_stage_params
+    from opd_verl.integration.adapters import make_distillation_loss
 
-    set_stage_params({"signal": {"name": "gopd", "lam": 1.25}, "weighting": {"name": "iw", "w_max": 1.5}})
-    try:
-        loss_fn = make_distillation_loss("opd_pipeline")
-        data, lens = _micro_batch(weights=True)
-        weights = data["rollout_is_weights"].to_padded_tensor(0.0)
-        folded, metrics = loss_fn(None, None, {}, data)
-        assert "rollout_is_weights" not in data.keys()  # veRL's wrapper then passes none on
-        plain, _ = loss_fn(None, None, {}, _micro_batch(weights=False)[0])
-    finally:
-        set_stage_params(None)
+    stages = {"signal": {"name": "gopd", "lam": 1.25}, "weighting": {"name": "iw", "w_max": 1.5}}
+    monkeypatch.setenv(STAGE_PARAMS_ENV, json.dumps(stages))
+    loss_fn = make_distillation_loss("opd_pipeline")
+    data, lens = _micro_batch(weights=True)
+    weights = data["rollout_is_weights"].to_padded_tensor(0.0)
+    folded, metrics = loss_fn(None, None, {}, data)
+    assert "rollout_is_weights" not in data.keys()  # veRL's wrapper then passes none on
+    plain, _ = loss_fn(None, None, {}, _micro_batch(weights=False)[0])
     mask = data["response_mask"].to_padded_tensor(0).bool()
     torch.testing.assert_close(folded, plain * weights)
     assert metrics["opd/rollout_is_weight_mean"] == pytest.approx(float(weights[mask].mean()))

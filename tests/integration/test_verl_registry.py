@@ -27,11 +27,14 @@ from opd_verl.objectives import (  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _registered_and_reset():
+def _registered_and_reset(monkeypatch):
     register()
-    adapters.set_stage_params(None)
-    yield
-    adapters.set_stage_params(None)
+    monkeypatch.delenv(adapters.STAGE_PARAMS_ENV, raising=False)
+
+
+def _stages_for_workers(monkeypatch, stages: dict) -> None:
+    """The stages as `opd.teachers.kind=server` hands them to the workers (their environment)."""
+    monkeypatch.setenv(adapters.STAGE_PARAMS_ENV, json.dumps(stages))
 
 
 def _batch(seed=0, b=3, r=10):
@@ -104,10 +107,10 @@ STAGES = {
 @pytest.mark.parametrize("name", list(STAGES))
 def test_adv_estimator_equals_pure_functions(name):
     s, t, ref, mask, sids, margins = _batch(1)
-    adapters.set_stage_params(StageParams(**STAGES[name]))
     fn = core_algos.get_adv_estimator_fn("opd_pipeline")
     metrics = {}
     adv, ret = fn(
+        params=StageParams(**STAGES[name]),
         token_level_rewards=torch.zeros_like(s),
         response_mask=mask,
         config=None,
@@ -146,9 +149,9 @@ def test_env_params(monkeypatch):
     torch.testing.assert_close(adv, gopd_advantages(s, t, mask, 2.0, ref))
 
 
-def test_task_coef_adds_verl_grpo_advantage():
+def test_task_coef_adds_verl_grpo_advantage(monkeypatch):
     s, t, ref, mask, *_ = _batch(3)
-    adapters.set_stage_params(StageParams(task_coef=0.5))
+    _stages_for_workers(monkeypatch, {"task_coef": 0.5})
     rewards = torch.zeros_like(s)
     rewards[0, 5], rewards[1, 3], rewards[2, 2] = 1.0, 0.0, 1.0
     index = np.array(["a", "a", "b"], dtype=object)
@@ -202,13 +205,13 @@ DISTILL_STAGES = {
 
 
 @pytest.mark.parametrize("stages", list(DISTILL_STAGES))
-def test_distillation_loss_path_equals_pure_pg_loss(stages):
+def test_distillation_loss_path_equals_pure_pg_loss(stages, monkeypatch):
     from verl.workers.config import ActorConfig, DistillationLossConfig
 
     name = "opd_pipeline"
     s, t, ref, mask, sids, margins = _batch(4)
     stage = StageParams(**DISTILL_STAGES[stages])
-    adapters.set_stage_params(stage)
+    _stages_for_workers(monkeypatch, DISTILL_STAGES[stages])
     data, student_flat = _packed_batch(s, t, ref, mask, [3, 5, 2])
     n_tokens = int(mask.sum())
     data["dp_size"] = 1
@@ -249,12 +252,12 @@ def test_distillation_loss_path_equals_pure_pg_loss(stages):
     torch.testing.assert_close(packed_grad.sum(), log_prob_padded.grad.sum(), rtol=1e-5, atol=1e-6)
 
 
-def test_distillation_release_reads_stored_fields():
+def test_distillation_release_reads_stored_fields(monkeypatch):
     s, t, ref, mask, sids, margins = _batch(5)
     data, _ = _packed_batch(s, t, ref, mask, [2, 2, 2])
     data["opd_sentence_ids"] = sids
     data["opd_margins"] = margins
-    adapters.set_stage_params(StageParams(release={"enabled": True}))
+    _stages_for_workers(monkeypatch, {"release": {"enabled": True}})
     fn = distill.get_distillation_loss_fn("opd_pipeline")
     losses, _ = fn(None, None, {}, data)
     expected, _ = apply_release(opd_advantages(s, t, mask), mask, sids, margins)
