@@ -10,8 +10,10 @@ device is present and the config names no model or data path of the user's (with
   student, an SFT-trained tiny teacher and the teacher's held-out greedy accuracy (`opd_verl.demo.assets`),
 - points data, student, teacher (both `opd.teachers.models.default.path` and veRL's built-in
   `distillation.teacher_models`) and the reward function at them,
-- applies the settings veRL's trainer needs on CPU (strategy fsdp2, sdpa attention, no remove-padding, fp32,
-  `hf` rollout, gloo, logical Ray GPUs, one TransferQueue storage unit) and small batch sizes and lengths,
+- applies the settings veRL's trainer needs on CPU (strategy fsdp2, sdpa attention, fp32, `hf` rollout, gloo,
+  logical Ray GPUs, one TransferQueue storage unit) and small batch sizes and lengths; packed sequences
+  (`use_remove_padding`) and token-budgeted micro-batches (`use_dynamic_bsz`) are on as in the GPU recipes, for the
+  actor, the reference, the rollout's log-prob pass and the plugin's teachers, with budgets sized for the demo,
 - evaluates the student's greedy accuracy on the held-out problems through veRL's validation before training and
   every `trainer.test_freq` steps, and copies the teacher's (the ceiling) into the run dir,
 - keeps the console to a progress bar, one line per step and the summary (`opd_verl.demo.console`); every metric
@@ -53,6 +55,10 @@ DEMO_DEFAULTS = {
 # The worked variant's responses: 3 digit lines of up to 16 characters and the answer line, ~60 tokens; its steps
 # take longer, so fewer of them keep the run within ~10 minutes on 2 cores.
 VARIANT_DEFAULTS = {"worked": {"data.max_response_length": 64, "trainer.total_training_steps": 30}}
+# Token budgets per forward (use_dynamic_bsz), in full-length rows (max_prompt_length + max_response_length): the
+# actor's update takes 16 such rows a micro-batch, the log-prob passes (rollout, reference, teachers) 32.
+DEMO_UPDATE_ROWS = 16
+DEMO_LOG_PROB_ROWS = 32
 
 
 def task_variant(cfg: DictConfig) -> str:
@@ -195,7 +201,9 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
 
         # Model / engine settings veRL needs on CPU.
         model = "actor_rollout_ref.model"
-        _set_default(cfg, f"{model}.use_remove_padding", False, user_keys)
+        # Packed rows (veRL's remove-padding path: on CPU, sdpa with the per-sequence mask transformers builds from
+        # position ids), as in the GPU recipes.
+        _set_default(cfg, f"{model}.use_remove_padding", True, user_keys)
         _set(cfg, f"{model}.enable_gradient_checkpointing", False)
         _set(cfg, f"{model}.override_config.attn_implementation", "sdpa")
         _set(cfg, f"{model}.use_fused_kernels", False)
@@ -212,9 +220,21 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
             _set(cfg, f"actor_rollout_ref.{role}.fsdp_config.dtype", "float32")
             _set(cfg, f"actor_rollout_ref.{role}.fsdp_config.model_dtype", "fp32")
         _set(cfg, "actor_rollout_ref.actor.fsdp_config.optimizer_offload", False)
-        _set_default(cfg, "actor_rollout_ref.actor.use_dynamic_bsz", False, user_keys)
-        _set(cfg, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", 16)
-        _set(cfg, "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", 32)
+        # Micro-batches by token budget (the reference's and the rollout's log-prob passes follow the actor's
+        # use_dynamic_bsz through veRL's defaults; the plugin's teachers follow the reference's); the row counts are
+        # read only with use_dynamic_bsz=false.
+        _set_default(cfg, "actor_rollout_ref.actor.use_dynamic_bsz", True, user_keys)
+        row_tokens = int(cfg.data.max_prompt_length) + int(cfg.data.max_response_length)
+        _set_default(cfg, "actor_rollout_ref.actor.ppo_max_token_len_per_gpu", DEMO_UPDATE_ROWS * row_tokens, user_keys)
+        for role in ("ref", "rollout"):
+            _set_default(
+                cfg,
+                f"actor_rollout_ref.{role}.log_prob_max_token_len_per_gpu",
+                DEMO_LOG_PROB_ROWS * row_tokens,
+                user_keys,
+            )
+        _set(cfg, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", DEMO_UPDATE_ROWS)
+        _set(cfg, "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", DEMO_LOG_PROB_ROWS)
         _set(cfg, "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio", 0.0)
         _set(cfg, "actor_rollout_ref.actor.optim.weight_decay", 0.0)
 
@@ -229,7 +249,7 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
         _set(cfg, f"{rollout}.load_format", "auto")
         _set(cfg, f"{rollout}.free_cache_engine", False)
         _set(cfg, f"{rollout}.enforce_eager", True)
-        _set(cfg, f"{rollout}.log_prob_micro_batch_size_per_gpu", 32)
+        _set(cfg, f"{rollout}.log_prob_micro_batch_size_per_gpu", DEMO_LOG_PROB_ROWS)
         _set(cfg, f"{rollout}.agent.num_workers", 1)
         _set(cfg, f"{rollout}.max_num_seqs", 64)
         _set(cfg, f"{rollout}.max_num_batched_tokens", 4096)

@@ -45,7 +45,13 @@ def test_preset_sets_cpu_settings_and_demo_assets(tmp_path, restore_env):
         tmp_path / "teacher"
     )
     assert a.actor.strategy == "fsdp2" and a.ref.strategy == "fsdp2"
-    assert a.model.use_remove_padding is False and a.model.override_config.attn_implementation == "sdpa"
+    assert a.model.override_config.attn_implementation == "sdpa"
+    # Packed rows and token budgets for the actor, the reference (whose settings the teachers follow) and the
+    # rollout's log-prob pass: (32 + 8)-token rows, 16 a micro-batch for the update, 32 for log-probs.
+    assert a.model.use_remove_padding is True and a.actor.use_dynamic_bsz is True
+    assert a.ref.log_prob_use_dynamic_bsz is True and a.rollout.log_prob_use_dynamic_bsz is True
+    assert a.actor.ppo_max_token_len_per_gpu == 16 * 40
+    assert a.ref.log_prob_max_token_len_per_gpu == a.rollout.log_prob_max_token_len_per_gpu == 32 * 40
     assert a.rollout.name == "hf" and a.rollout.tensor_model_parallel_size == 1
     assert cfg.trainer.device == "cpu" and cfg.trainer.n_gpus_per_node == 1
     # Recipe sizes meant for GPU runs are replaced by the demo's.
@@ -117,6 +123,7 @@ def test_release_recipes_use_the_worked_task_variant(tmp_path, restore_env):
     assert task_variant(_compose("+recipe=exopd_iw_release")) == "worked"
     cfg = apply_cpu_demo(_compose("+recipe=prefix_release"), _assets(tmp_path, "worked"))
     assert cfg.data.max_response_length == 64 and cfg.data.train_batch_size == 16
+    assert cfg.actor_rollout_ref.ref.log_prob_max_token_len_per_gpu == 32 * (32 + 64)
 
 
 def test_auto_never_replaces_a_users_models_or_data(monkeypatch):
