@@ -16,10 +16,12 @@ divergence into the student logits (a leaf made from one student forward, so the
 - ``rev:REV`` (with ``--baseline-rev REV``): the loss of git revision REV itself, imported from a temporary
   ``git worktree`` (checks that ``before`` is what that code did).
 
-Each variant runs in its own subprocess (same seed, model and batch). Time = wall time of the call and backward;
+Each variant runs in its own subprocess (same seed, model and batch) and is called twice; the second call is
+measured. Time = wall time of the call and backward;
 memory = peak RSS (``VmHWM``, reset just before the call through ``/proc/self/clear_refs``; ``ru_maxrss`` where that
 is unavailable) minus the RSS just before the call, i.e. what the call adds on top of model, batch and student
-logits. Loss = mean per-token divergence; its difference to ``before`` is printed. Ratios are to ``before``, same run.
+logits (glibc's mmap threshold is fixed at 1 MiB in the variants' processes, so freed buffers leave the RSS).
+Loss = mean per-token divergence; its difference to ``before`` is printed. Ratios are to ``before``, same run.
 
     python scripts/bench_opsd_teacher.py                        # B=8, L=1024
     python scripts/bench_opsd_teacher.py --quick                # CI size
@@ -35,10 +37,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_teacher_scoring import random_qwen2, run_in_subprocess  # noqa: E402
 
 QUICK = {"hidden": 64, "layers": 2, "vocab": 1024, "length": 96, "samples": 4, "prompt": 8, "context": 8,
          "chunk_size": 32, "budgets": "256,1024"}  # fmt: skip
+
+
+# a fixed mmap threshold turns off glibc's dynamic one, so freed large buffers leave the RSS at once and the peak
+# RSS follows what the variant really holds (not what earlier, freed allocations left in the heap)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
 def _proc_kib(field: str) -> int | None:
@@ -65,31 +76,16 @@ def _reset_peak() -> bool:
 def build_case(args):
     """Model, veRL-layout micro-batch, privileged prompt ids and the `(nnz, V)` student logits / rollout T."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(args.seed)
-    cfg = Qwen2Config(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 2.75),
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        num_key_value_heads=max(1, args.hidden // 256),
-        max_position_embeddings=args.length + args.prompt + args.context + 8,
-        tie_word_embeddings=False,
-        initializer_range=args.init_std,
-    )
-    cfg._attn_implementation = "sdpa"
-    model = Qwen2ForCausalLM(cfg).eval()
+    max_positions = args.length + args.prompt + args.context + 8
+    model = random_qwen2(args.hidden, args.layers, args.vocab, max_positions, args.seed, args.init_std)
     g = torch.Generator().manual_seed(args.seed + 1)
     lens = torch.randint(max(1, args.length // 16), args.length + 1, (args.samples,), generator=g).tolist()
     prompts = [torch.randint(0, args.vocab, (args.prompt,), generator=g) for _ in lens]
     teacher_prompts = [torch.randint(0, args.vocab, (args.prompt + args.context,), generator=g).tolist() for _ in lens]
     responses = [torch.randint(0, args.vocab, (n,), generator=g) for n in lens]
     data, student_logits = micro_batch(model, prompts, responses, args.rollout_temperature)
-    # a one-sample micro-batch (short response) to run each path once before it is measured
-    warm = micro_batch(model, prompts[:1], [responses[0][:4]], args.rollout_temperature)
-    return model, data, teacher_prompts, student_logits, lens, warm
+    return model, data, teacher_prompts, student_logits, lens
 
 
 def micro_batch(model, prompts, responses, rollout_temperature):
@@ -194,7 +190,7 @@ def run_variant(args, variant: str, reset_peak: bool = True) -> tuple[dict, dict
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, data, teacher_prompts, student_logits, lens, warm = build_case(args)
+    model, data, teacher_prompts, student_logits, lens = build_case(args)
     params = OPSDLossParams(
         loss="full", beta=args.beta, temperature=1.1, pointwise_clip=args.clip, chunk_size=args.chunk_size
     )
@@ -203,8 +199,9 @@ def run_variant(args, variant: str, reset_peak: bool = True) -> tuple[dict, dict
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=0)
     loss_fn = OPSDActorLoss(model, TeacherWeights(model, "current"), params, tokenizer, {}, actor_config)
 
-    def call(leaf, data, teacher_prompts):
-        loss_fn.teacher_prompts = lambda rows: (teacher_prompts, [True] * len(rows))
+    loss_fn.teacher_prompts = lambda rows: (teacher_prompts, [True] * len(rows))
+
+    def call(leaf):
         if variant == "before":
             out = before_logits_outputs(loss_fn, leaf, data, teacher_prompts)
         else:
@@ -212,14 +209,14 @@ def run_variant(args, variant: str, reset_peak: bool = True) -> tuple[dict, dict
         out["opsd_divergence"].sum().backward()
         return out
 
-    call(warm[1].unsqueeze(0).requires_grad_(True), warm[0], teacher_prompts[:1])
+    call(student_logits.clone().unsqueeze(0).requires_grad_(True))  # warm-up: the measured call is the second
     forwards = []
     model.register_forward_pre_hook(lambda *_: forwards.append(1))
     leaf = student_logits.unsqueeze(0).requires_grad_(True)
     exact_peak = reset_peak and _reset_peak()
     base_kib = _proc_kib("VmRSS") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    out = call(leaf, data, teacher_prompts)
+    out = call(leaf)
     seconds = time.perf_counter() - t0
     peak_kib = _proc_kib("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tensors = {k: out[k].detach().squeeze(0) for k in ("opsd_divergence", "opsd_clipped", "opsd_teacher_log_probs")}
@@ -291,7 +288,7 @@ def main() -> None:
         f"{'variant':>14} {'fwds':>5} {'ms/sample':>10} {'time x':>7} {'peak GiB':>9} {'mem x':>6} "
         f"{'loss':>10} {'|dloss|':>9} {'max|ddiv|':>10} {'max|dgrad|':>10} {'clip':>6} {'flags!=':>7}"
     )
-    results, ref = {}, None
+    ref = None
     with tempfile.TemporaryDirectory() as tmp:
         argv = list(sys.argv[1:])
         if args.baseline_rev:
@@ -304,15 +301,7 @@ def main() -> None:
         try:
             for variant in variants:
                 out = os.path.join(tmp, f"{variant.replace(':', '_')}.pt")
-                proc = subprocess.run(
-                    [sys.executable, __file__, *argv, "--worker", variant, "--out", out],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                if proc.returncode != 0:
-                    raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-                res = json.loads(proc.stdout.strip().splitlines()[-1])
+                res = run_in_subprocess(__file__, argv, variant, out, env=MALLOC_ENV)
                 tensors = torch.load(out)
                 ref = ref or (res, tensors)
                 base, base_t = ref
@@ -325,7 +314,6 @@ def main() -> None:
                     f"{float((tensors['grad'] - base_t['grad']).abs().max()):>10.2e} {res['clip_rate']:>6.3f} "
                     f"{int((tensors['opsd_clipped'] != base_t['opsd_clipped']).sum()):>7}"
                 )
-                results[variant] = res
         finally:
             if args.baseline_rev:
                 subprocess.run(["git", "worktree", "remove", "--force", path], check=False, capture_output=True)

@@ -32,25 +32,48 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def run_variant(args, variant: str, out_path: str) -> dict:
+def random_qwen2(hidden: int, layers: int, vocab: int, max_positions: int, seed: int, init_std: float = 0.02):
+    """A random Qwen2-style causal LM (float32, sdpa, eval mode): heads of 64, a KV head per 256, MLP 2.75x."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from opd_verl.workers.logprobs import response_logprobs
-
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     cfg = Qwen2Config(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 2.75),
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        num_key_value_heads=max(1, args.hidden // 256),
-        max_position_embeddings=args.length + args.prompt + 8,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 256),
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
+        initializer_range=init_std,
     )
     cfg._attn_implementation = "sdpa"
-    model = Qwen2ForCausalLM(cfg).eval()
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def run_in_subprocess(script: str, argv: list[str], variant: str, out_path: str, env: dict | None = None) -> dict:
+    """Run ``script argv --worker variant --out out_path`` (``env`` added to the environment) and return the JSON
+    its last output line holds."""
+    proc = subprocess.run(
+        [sys.executable, script, *argv, "--worker", variant, "--out", out_path],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_variant(args, variant: str, out_path: str) -> dict:
+    import torch
+
+    from opd_verl.workers.logprobs import response_logprobs
+
+    model = random_qwen2(args.hidden, args.layers, args.vocab, args.length + args.prompt + 8, args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)
     lens = torch.randint(max(1, args.length // 16), args.length + 1, (args.rows_total,), generator=g).tolist()
     prompts = [torch.randint(0, args.vocab, (args.prompt,), generator=g) for _ in lens]
@@ -105,16 +128,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             path = os.path.join(tmp, f"{variant}.pt")
-            argv = [a for a in sys.argv[1:]]
-            proc = subprocess.run(
-                [sys.executable, __file__, *argv, "--worker", variant, "--out", path],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if proc.returncode != 0:
-                raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            res = run_in_subprocess(__file__, sys.argv[1:], variant, path)
             logp = torch.load(path)
             ref = logp if ref is None else ref
             res["max_diff"] = float((logp - ref).abs().max())
