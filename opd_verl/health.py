@@ -41,6 +41,7 @@ __all__ = [
     "sample_grid",
     "step_health",
     "temperature_mismatch",
+    "topk_overlap_mass",
     "zero_rows",
 ]
 
@@ -230,6 +231,22 @@ def collapse_counts(
     return counts, -scaled.sum(dim=1)
 
 
+def topk_overlap_mass(teacher_logprobs_at_candidates: torch.Tensor) -> torch.Tensor:
+    """The teacher's probability mass on the student's top-K candidate ids: ``sum_j exp(log t(c_j))``.
+
+    Near 1 where the teacher puts its mass on what the student ranks highest; near ``K / V`` for a teacher that
+    scores like a uniform distribution; low where the student's candidates are ones the teacher rules out.
+
+    Args:
+        teacher_logprobs_at_candidates: `(..., K)` teacher log-probs at the student's K highest-ranked ids (the
+            release rule's candidates).
+
+    Returns:
+        `(...)` float32 in [0, 1] (detached).
+    """
+    return torch.logsumexp(teacher_logprobs_at_candidates.detach().float(), dim=-1).exp().clamp_max(1.0)
+
+
 def release_points(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Per row, the share of its valid tokens before the release point: ``(rank of the last valid token whose
     advantage is nonzero + 1) / n_valid``; 1 for a row the rule did not release, 0 for a row without any nonzero
@@ -330,6 +347,7 @@ def step_health(
     task_coef: float = 0.0,
     previous_adv_scale: float | None = None,
     adv_scale: float | None = None,
+    topk_mass: torch.Tensor | None = None,
 ) -> HealthReport:
     """Figures and fired alarms of one advantage step.
 
@@ -351,8 +369,14 @@ def step_health(
         weighting, w_max, release_enabled, task_coef: the stages of the run.
         previous_adv_scale: the previous step's ``adv_scale`` (None on the first step).
         adv_scale: this step's std of the advantages over valid tokens when the caller has it; None: computed.
+        topk_mass: `(B, T)` :func:`topk_overlap_mass` per token where the student's top-K ids exist (release
+            rule), else None.
     """
     alarms: list[Alarm] = []
+
+    def fire(name: str, teacher: str | None, figure: float, threshold: str, detail: str = "") -> None:
+        alarms.append(Alarm(name, teacher, figure, threshold, config[name].action, detail))
+
     metrics: dict[str, float] = {}
     rs, cs = sample_grid(tuple(teacher.shape), config.sample_tokens)
     # one strided read of each input into a small contiguous tensor; everything below works on those
@@ -387,30 +411,24 @@ def step_health(
         metrics[p + "discrepancy"] = discs[i] / tokens[i] if tokens[i] else 0.0
         metrics[p + "advantage"] = advs[i] / tokens[i] if tokens[i] else 0.0
         if tokens[i] and frac >= cfg_c["fraction"]:
-            alarms.append(
-                Alarm(
-                    "collapse",
-                    name,
-                    frac,
-                    f"share of tokens with |log p_teacher + ln V| <= {cfg_c['margin']} ln V >= {cfg_c['fraction']}",
-                    cfg_c.action,
-                    f"V={vocab_sizes[i]}: the teacher scores like a uniform distribution (lost or zeroed weights?)",
-                )
+            fire(
+                "collapse",
+                name,
+                frac,
+                f"share of tokens with |log p_teacher + ln V| <= {cfg_c['margin']} ln V >= {cfg_c['fraction']}",
+                f"V={vocab_sizes[i]}: the teacher scores like a uniform distribution (lost or zeroed weights?)",
             )
         if name in scored_temperatures:
             t = scored_temperatures[name]
             metrics[p + "temperature"] = float(t)
             gap = temperature_mismatch(t, expected_temperature, config["temperature"]["tolerance"])
             if gap is not None:
-                alarms.append(
-                    Alarm(
-                        "temperature",
-                        name,
-                        float(t),
-                        f"expected {expected_temperature} +- {config['temperature']['tolerance']}",
-                        config["temperature"].action,
-                        "the teacher was scored at another temperature than the objective assumes",
-                    )
+                fire(
+                    "temperature",
+                    name,
+                    float(t),
+                    f"expected {expected_temperature} +- {config['temperature']['tolerance']}",
+                    "the teacher was scored at another temperature than the objective assumes",
                 )
 
     n_bad = int(bad.sum())
@@ -419,45 +437,36 @@ def step_health(
         metrics[f"opd/health/nonfinite_tokens/{name}"] = float(c)
     if n_bad > config["nonfinite"]["max_rows"]:
         who = [teacher_names[o] for o, b in zip(owners, bad.tolist(), strict=True) if b]
-        alarms.append(
-            Alarm(
-                "nonfinite",
-                ", ".join(sorted(set(who))),
-                float(n_bad),
-                f"rows with NaN/inf at a valid token > {config['nonfinite']['max_rows']}",
-                config["nonfinite"].action,
-                f"non-finite valid tokens by input {counts}; those rows were given advantage 0",
-            )
+        fire(
+            "nonfinite",
+            ", ".join(sorted(set(who))),
+            float(n_bad),
+            f"rows with NaN/inf at a valid token > {config['nonfinite']['max_rows']}",
+            f"non-finite valid tokens by input {counts}; those rows were given advantage 0",
         )
 
     if release_enabled and "opd/release/accept_rate" in stage_metrics:
         cr = config["release"]
         accept, kept = stage_metrics["opd/release/accept_rate"], stage_metrics["opd/release/kept_fraction"]
         if accept >= cr["accept_rate"] and kept <= cr["kept_fraction"]:
-            alarms.append(
-                Alarm(
-                    "release",
-                    None,
-                    kept,
-                    f"kept fraction <= {cr['kept_fraction']} with acceptance {accept:.3f} >= {cr['accept_rate']}",
-                    cr.action,
-                    "the release rule zeroes almost every token",
-                )
+            fire(
+                "release",
+                None,
+                kept,
+                f"kept fraction <= {cr['kept_fraction']} with acceptance {accept:.3f} >= {cr['accept_rate']}",
+                "the release rule zeroes almost every token",
             )
 
     if weighting == "iw" and w_max > 1.0 and "opd/weight_mean" in stage_metrics:
         saturation = (stage_metrics["opd/weight_mean"] - 1.0) / (w_max - 1.0)
         metrics["opd/health/iw_saturation"] = saturation
         if saturation >= config["iw"]["saturation"]:
-            alarms.append(
-                Alarm(
-                    "iw",
-                    None,
-                    saturation,
-                    f"(mean weight - 1) / (w_max - 1) >= {config['iw']['saturation']}",
-                    config["iw"].action,
-                    "IW weights sit at w_max: the accumulated discrepancy is ~0 on every row",
-                )
+            fire(
+                "iw",
+                None,
+                saturation,
+                f"(mean weight - 1) / (w_max - 1) >= {config['iw']['saturation']}",
+                "IW weights sit at w_max: the accumulated discrepancy is ~0 on every row",
             )
 
     if adv_scale is None:
@@ -466,15 +475,12 @@ def step_health(
     metrics["opd/health/adv_scale"] = adv_scale
     jump = advantage_jump(previous_adv_scale, adv_scale, config["advantage_jump"]["factor"])
     if jump is not None:
-        alarms.append(
-            Alarm(
-                "advantage_jump",
-                None,
-                jump,
-                f"advantage std ratio to the previous step ({previous_adv_scale:.4g} -> {adv_scale:.4g}) >= "
-                f"{config['advantage_jump']['factor']}",
-                config["advantage_jump"].action,
-            )
+        fire(
+            "advantage_jump",
+            None,
+            jump,
+            f"advantage std ratio to the previous step ({previous_adv_scale:.4g} -> {adv_scale:.4g}) >= "
+            f"{config['advantage_jump']['factor']}",
         )
 
     # per-position profiles (deciles of each row's valid tokens)
@@ -483,6 +489,10 @@ def step_health(
     }
     bins = decile_bins(mask)
     positions["advantage"] = decile_means(bins, a_s)
+    if topk_mass is not None:
+        m_s = topk_mass[::rs, ::cs]
+        metrics["opd/health/topk_overlap_mass"] = float(torch.where(mask, m_s, 0.0).sum() / mask.sum().clamp_min(1))
+        positions["topk_overlap_mass"] = decile_means(bins, torch.where(mask, m_s, 0.0))
     if weighting == "iw":
         # on the sampled positions: the sampled discrepancy's running share estimates the full one's
         weights = iw_opd_weights(t_s - s_s, mask, w_max)
@@ -495,7 +505,7 @@ def step_health(
             qs = torch.quantile(points, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], device=points.device)).tolist()
             for q, v in zip((10, 25, 50, 75, 90), qs, strict=True):
                 metrics[f"opd/health/release_point/q{q}"] = v
-    for name in ("advantage", "iw_weight"):
+    for name in ("advantage", "iw_weight", "topk_overlap_mass"):
         for k, v in enumerate(positions.get(name, ())):
             metrics[f"opd/health/{name}_decile/{k}"] = v
     for a in ("collapse", "nonfinite", "temperature", "release", "iw", "advantage_jump"):

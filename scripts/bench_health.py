@@ -5,8 +5,8 @@ On a `[rows, cols]` float32 batch (ExOPD + IW + release, two teachers), times
 - the advantage step's tensor work in the plugin trainer's hand-over: one ``compose_advantages`` with all stages
   and its metrics;
 - the health work added to a healthy step: ``HealthMonitor.check`` (alarms, per-teacher figures, per-position
-  profiles; non-finite inputs are found by the estimator's own checks, and only then does ``HealthMonitor.sanitize``
-  run);
+  profiles, the top-K overlap mass; non-finite inputs are found by the estimator's own checks, and only then does
+  ``HealthMonitor.sanitize`` run);
 
 and prints health / ``compose_advantages``. The trainer also logs
 ``opd/health/time_s`` each step, to set against veRL's ``timing_s/adv`` (which includes the teacher forwards).
@@ -76,7 +76,9 @@ def main() -> None:
     full = OmegaConf.to_container(OmegaConf.merge(base, section), resolve=True)
     opd = parse_opd_section(full)
     params = StageParams.from_config(full)
+    topk_mass = torch.rand(b, t, generator=g)  # the teacher's mass on the student's top-K ids (release rule)
     tensors = {"response_mask": mask, "student": student, "teacher": teacher, "ref": ref, "lam": lam}
+    tensors["topk_mass"] = topk_mass
     monitor = HealthMonitor(opd.health, opd, 1.0, "/tmp")
     monitor._vocab_sizes = [151936, 151936]
 

@@ -116,6 +116,7 @@ class HealthMonitor:
             task_coef=opd.task_coef,
             previous_adv_scale=self.previous_adv_scale,
             adv_scale=stage_metrics.get("opd/stage/final/adv_std"),
+            topk_mass=tensors.get("topk_mass"),
         )
         self.previous_adv_scale = report.adv_scale
         metrics.update(report.metrics)

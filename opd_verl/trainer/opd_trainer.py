@@ -275,9 +275,10 @@ class OPDTrainer(PluginTrainer):
     def _compute_teacher_outputs(self, batch, owners: list[int], metrics: dict) -> None:
         """Score the batch with each sample's teacher (and reference) and store the results in TransferQueue.
 
-        Writes per response token ``opd_teacher_log_probs`` (and, with the release rule, ``opd_teacher_margins``
-        and ``opd_sentence_ids``) for every sample, and ``opd_ref_log_probs`` for samples whose teacher has a
-        reward-correction base model. Override to change what the teacher sees (OPSD's privileged prompt).
+        Writes per response token ``opd_teacher_log_probs`` (and, with the release rule, ``opd_teacher_margins``,
+        ``opd_teacher_topk_mass`` and ``opd_sentence_ids``) for every sample, and ``opd_ref_log_probs`` for samples
+        whose teacher has a reward-correction base model. Override to change what the teacher sees (OPSD's
+        privileged prompt).
         """
         from transfer_queue import KVBatchMeta
 
@@ -341,7 +342,7 @@ class OPDTrainer(PluginTrainer):
         if have_ref:
             fields.append("ref_log_prob")
         if self.opd.release.enabled:
-            fields += [f"{TEACHER_PREFIX}_margins", SENTENCE_FIELD]
+            fields += [f"{TEACHER_PREFIX}_margins", f"{TEACHER_PREFIX}_topk_mass", SENTENCE_FIELD]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         base_ref = None
         if have_base_ref:
@@ -472,10 +473,12 @@ class OPDTrainer(PluginTrainer):
                 rows = to_response_length(_padded(got[f"{REF_PREFIX}_log_probs"]))
                 for j, n in enumerate(idx):
                     ref[n] = rows[j] if rows.shape[1] == t else to_response_length(rows[j : j + 1])[0]
-        sentence_ids = margins = None
+        sentence_ids = margins = topk_mass = None
         if self.opd.release.enabled:
             sentence_ids = to_response_length(b[SENTENCE_FIELD]).long()
             margins = to_response_length(b[f"{TEACHER_PREFIX}_margins"]).float()
+            if f"{TEACHER_PREFIX}_topk_mass" in b.keys():
+                topk_mass = to_response_length(b[f"{TEACHER_PREFIX}_topk_mass"]).float()
         return {
             "response_mask": response_mask,
             "student": student,
@@ -484,4 +487,5 @@ class OPDTrainer(PluginTrainer):
             "lam": lams if self.opd.signal.name == "gopd" else None,
             "sentence_ids": sentence_ids,
             "margins": margins,
+            "topk_mass": topk_mass,  # health diagnostics only
         }

@@ -10,6 +10,8 @@ token, computed from the last hidden states in chunks of positions (`opd_verl.wo
 - ``{prefix}_log_probs``: log-prob of the sampled id;
 - ``{prefix}_margins``: the release rule's top-1 minus top-2 margin over the student's top-K ids, when the batch
   carries them (fields ``opd_student_topk_0 .. K-1``, written by the actor's log-prob pass over prompt + response);
+- ``{prefix}_topk_mass``: with the margins, the model's probability mass on those ids (the health diagnostics'
+  student/teacher top-K overlap, `opd_verl.health.topk_overlap_mass`);
 - ``{prefix}_candidate_log_probs`` `(n, K)`: the log-probs at those ids, when ``return_candidates`` is set;
 - ``{prefix}_topk_ids`` / ``{prefix}_topk_log_probs`` `(n, k)`: its own top-k, when ``own_topk`` > 0;
 - ``opd_sentence_ids``: sentence index per response token (release rule), when ``sentences`` is set. The
@@ -221,6 +223,7 @@ class ForwardOnlyWorker(Worker):
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name=MESH_NAME))
     def compute_logprobs(self, data: TensorDict) -> TensorDict:
         """Score a shard of rollouts (see the module docstring for the fields in and out)."""
+        from opd_verl.health import topk_overlap_mass
         from opd_verl.objectives.release import topk_margin
         from opd_verl.workers.logprobs import response_logprobs
 
@@ -261,6 +264,7 @@ class ForwardOnlyWorker(Worker):
             out = {k: v.cpu() for k, v in out.items()}
             if candidates is not None and cfg["margin"]:
                 out["margins"] = topk_margin(out["candidate_log_probs"], cfg["margin"]) * out["response_mask"]
+                out["topk_mass"] = topk_overlap_mass(out["candidate_log_probs"]) * out["response_mask"]
             for j, i in enumerate(rows):
                 for key, value in out.items():
                     per_row.setdefault(key, [None] * n_rows)[i] = value[j, : responses[i].numel()]
@@ -274,6 +278,7 @@ class ForwardOnlyWorker(Worker):
         fields = {f"{prefix}_log_probs": column("log_probs", (), torch.float32)}
         if candidates is not None and cfg["margin"]:
             fields[f"{prefix}_margins"] = column("margins", (), torch.float32)
+            fields[f"{prefix}_topk_mass"] = column("topk_mass", (), torch.float32)
         if candidates is not None and cfg["return_candidates"]:
             k = int(candidates[0].shape[-1])
             fields[f"{prefix}_candidate_log_probs"] = column("candidate_log_probs", (k,), torch.float32)

@@ -15,6 +15,7 @@ from opd_verl.health import (
     release_points,
     step_health,
     temperature_mismatch,
+    topk_overlap_mass,
     zero_rows,
 )
 from opd_verl.objectives import StageParams, compose_advantages
@@ -202,6 +203,42 @@ def test_release_points_match_a_naive_loop():
         last = max((i + 1 for i, t in enumerate(valid) if adv[b, t] != 0), default=0)
         naive.append(last / len(valid))
     assert got == pytest.approx(naive) and got == pytest.approx([0.5, 0.8, 0.0])
+
+
+def test_topk_overlap_mass_matches_a_naive_loop_and_its_step_figures():
+    torch.manual_seed(8)
+    b, t, k, v = 5, 23, 4, 50
+    logits = torch.randn(b, t, v) * 3
+    logp = logits.log_softmax(-1)
+    cand = torch.stack([torch.randperm(v)[:k] for _ in range(b * t)]).view(b, t, k)
+    got = topk_overlap_mass(logp.gather(-1, cand))
+    naive = torch.zeros(b, t)
+    for i in range(b):
+        for j in range(t):
+            naive[i, j] = sum(math.exp(logp[i, j, c].item()) for c in cand[i, j].tolist())
+    torch.testing.assert_close(got, naive, atol=1e-6, rtol=0)
+    # a uniform teacher puts K / V on any K ids; all ids hold the whole mass
+    assert topk_overlap_mass(torch.full((3, k), -math.log(v))).tolist() == pytest.approx([k / v] * 3)
+    assert topk_overlap_mass(logp[0, :2]).tolist() == pytest.approx([1.0, 1.0])
+
+    # through the step: mean over valid tokens and by position decile of each row's valid tokens
+    mask = (torch.rand(b, t) > 0.25).float()
+    mask[2] = 0
+    teacher = -torch.rand(b, t)
+    r = _run(teacher=teacher, mask=mask, topk_mass=got)
+    valid = [(i, j) for i in range(b) for j in range(t) if mask[i, j]]
+    assert r.metrics["opd/health/topk_overlap_mass"] == pytest.approx(
+        sum(naive[i, j].item() for i, j in valid) / len(valid), abs=1e-6
+    )
+    by_decile = [[] for _ in range(10)]
+    for i in range(b):
+        cols = [j for j in range(t) if mask[i, j]]
+        for rank, j in enumerate(cols):
+            by_decile[rank * 10 // len(cols)].append(naive[i, j].item())
+    expected = [sum(x) / len(x) if x else 0.0 for x in by_decile]
+    got_deciles = [r.metrics[f"opd/health/topk_overlap_mass_decile/{d}"] for d in range(10)]
+    assert got_deciles == pytest.approx(expected, abs=1e-6)
+    assert "opd/health/topk_overlap_mass" not in _run(teacher=teacher, mask=mask).metrics
 
 
 def test_decile_means_equal_position_decile_means():

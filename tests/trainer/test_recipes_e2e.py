@@ -16,13 +16,15 @@ LOCK_WAIT_S = 2400
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(LOCK_WAIT_S + RUN_TIMEOUT_S + 300)]
 
+# the teacher's mass on the student's top-K ids: the ids reached the teacher worker, its output the health step
+TOPK_MASS = "opd/health/topk_overlap_mass"
 COMMON = ("opd/teacher_time_s", "opd/discrepancy", "opd/discrepancy_decile/0", "opd/stage/final/adv_mean")
 EXPECTED = {
     "exopd": COMMON + ("opd/stage/signal/adv_std", "actor/kl_loss"),
     "gopd_rc": COMMON + ("opd/stage/signal/adv_mean",),
     "iw_opd": COMMON + ("opd/weight_mean", "opd/weight_min", "opd/stage/weighting/adv_mean"),
-    "prefix_release": COMMON + ("opd/release/accept_rate", "opd/release/kept_fraction"),
-    "exopd_iw_release": COMMON + ("opd/weight_min", "opd/release/accept_rate", "opd/release/kept_fraction"),
+    "prefix_release": COMMON + ("opd/release/accept_rate", "opd/release/kept_fraction", TOPK_MASS),
+    "exopd_iw_release": COMMON + ("opd/weight_min", "opd/release/accept_rate", "opd/release/kept_fraction", TOPK_MASS),
 }
 
 
@@ -64,5 +66,7 @@ def test_recipe_trains_two_steps(demo_run, tmp_path, recipe, request):
             assert 1.0 <= data["opd/weight_min"] <= data["opd/weight_mean"] <= 1.5 + 1e-6
         if "opd/release/kept_fraction" in EXPECTED[recipe]:
             assert 0.0 < data["opd/release/kept_fraction"] <= 1.0
+        if TOPK_MASS in EXPECTED[recipe]:
+            assert 0.0 < data[TOPK_MASS] <= 1.0
     state = json.loads((tmp_path / "run" / "global_step_2" / "opd_state.json").read_text())
     assert state["global_step"] == 2 and state["advantage_step"] == 2 and state["teacher_calls"] == 2

@@ -119,6 +119,9 @@ def test_worker_group_matches_direct_forward(ray_cpu, model_dirs):
         torch.testing.assert_close(
             out["opd_teacher_margins"][i], topk_margin(cand_lp[None], "prob")[0], atol=1e-5, rtol=0
         )
+        # the teacher's mass on the student's top-K ids, summed token by token over the full distribution
+        mass = [sum(full[t].exp()[c].item() for c in cand[t].tolist()) for t in range(r.numel())]
+        torch.testing.assert_close(out["opd_teacher_topk_mass"][i], torch.tensor(mass), atol=1e-5, rtol=0)
         vals, ids = torch.topk(full, 3, dim=-1)
         torch.testing.assert_close(out["opd_teacher_topk_log_probs"][i], vals, atol=1e-5, rtol=0)
         assert torch.equal(out["opd_teacher_topk_ids"][i], ids)
