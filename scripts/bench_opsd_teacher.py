@@ -113,8 +113,9 @@ def before_logits_outputs(loss_fn, student_logits, data, teacher_prompts):
 
     Every sample here has a privileged context. Teacher forwards of ``max(1, chunk_size // R)`` samples
     (``R``: the micro-batch's longest response), all teacher logits concatenated to `(B, R, V)`; teacher log-probs
-    from a full log-softmax; per-sample divergences chunked over positions, with the clip flags from a second
-    full-vocabulary pass without the clip.
+    from a full log-softmax of every sample first, then per-sample divergences chunked over positions, with the clip
+    flags from a second full-vocabulary pass without the clip (that order, as the revision's code has it: computing
+    each sample's divergence right after its log-probs peaks ~0.7 GiB higher at the default size).
 
     Returns:
         dict of `(1, nnz)` tensors: ``opsd_divergence`` (with its graph), ``opsd_clipped``, ``opsd_teacher_log_probs``.
@@ -147,22 +148,28 @@ def before_logits_outputs(loss_fn, student_logits, data, teacher_prompts):
         t_logits = teacher_response_logits(
             loss_fn.module, teacher_prompts, resp, mask, loss_fn.pad_token_id, max_tokens=params.chunk_size
         )
+    s_all, t_all, spans = [], [], []
     for i in range(n):
         r = int(resp_lens[i])
         begin = int(starts[i] + seq_lens[i] - resp_lens[i]) - 1
-        s_rows = logits[begin : begin + r]
-        t_rows = t_logits[i, :r]
-        t_lp = torch.log_softmax(t_rows.float() / temperature, dim=-1)
+        s_all.append(logits[begin : begin + r])
+        t_all.append(t_logits[i, :r])
+        spans.append((begin, r))
+        t_lp = torch.log_softmax(t_logits[i, :r].float() / temperature, dim=-1)
         teacher_lp[begin : begin + r] = t_lp.gather(-1, resp[i, :r, None]).squeeze(-1)
-        # opsd_response_divergences / opsd_token_divergence as they were: teacher scaled, two passes for the flags
-        t_scaled = t_rows.float() / temperature if temperature != 1.0 else t_rows
-        temp = params.temperature / temperature
+    divs, clips = [], []
+    temp = params.temperature / temperature
+    for s_rows, t_rows in zip(s_all, t_all):
+        t_scaled = t_rows.detach().float() / temperature if temperature != 1.0 else t_rows.detach()
         div = generalized_jsd(s_rows, t_scaled, params.beta, temp, params.pointwise_clip, params.chunk_size)
         with torch.no_grad():
             unclipped = generalized_jsd(s_rows, t_scaled, params.beta, temp, None, params.chunk_size)
             flags = (unclipped - div.detach()) > 1e-6 * unclipped.abs().clamp(min=1.0)
-        divergence = divergence.index_put((torch.arange(begin, begin + r),), div)
-        clipped[begin : begin + r] = flags.float()
+        divs.append(div)
+        clips.append(flags)
+    for (begin, r), d, c in zip(spans, divs, clips):
+        divergence = divergence.index_put((torch.arange(begin, begin + r),), d)
+        clipped[begin : begin + r] = c.float()
     return {
         "opsd_divergence": divergence.unsqueeze(0),
         "opsd_clipped": clipped.unsqueeze(0),
