@@ -21,7 +21,8 @@ measured. Time = wall time of the call and backward;
 memory = peak RSS (``VmHWM``, reset just before the call through ``/proc/self/clear_refs``; ``ru_maxrss`` where that
 is unavailable) minus the RSS just before the call, i.e. what the call adds on top of model, batch and student
 logits (glibc's mmap threshold is fixed at 1 MiB in the variants' processes, so freed buffers leave the RSS).
-Loss = mean per-token divergence; its difference to ``before`` is printed. Ratios are to ``before``, same run.
+Loss = mean per-token divergence. Differences and ratios are to the first row (``rev:REV`` when given, else
+``before``), same run. ``before`` uses today's divergence function, so it shares that function's improvements.
 
     python scripts/bench_opsd_teacher.py                        # B=8, L=1024
     python scripts/bench_opsd_teacher.py --quick                # CI size
@@ -303,7 +304,7 @@ def main() -> None:
             subprocess.run(
                 ["git", "worktree", "add", "--detach", path, args.baseline_rev], check=True, capture_output=True
             )
-            variants.insert(1, f"rev:{args.baseline_rev}")
+            variants.insert(0, f"rev:{args.baseline_rev}")  # the revision's own code is the reference then
             argv += ["--baseline-path", path]
         try:
             for variant in variants:

@@ -276,7 +276,9 @@ def generalized_jsd(
         chunk_size: positions per chunk; None = all at once. With a chunk size the value and the gradient are
             those of the unchunked computation (rows are independent; the backward uses the closed-form gradient,
             equal to autograd's up to float32 rounding), and the memory needed beyond the inputs (and the gradient
-            itself) is O(chunk_size x V) because the backward recomputes one chunk at a time.
+            itself) is O(chunk_size x V) because the backward recomputes one chunk at a time. This holds also when
+            all positions fit in one chunk: the graph keeps only the inputs, so calls whose graphs wait for one
+            backward (one per sample in the OPSD loss) leave no `(N, V)` intermediates behind.
         return_clipped: also return where the clip lowered a position's divergence, from the same pass over the
             vocabulary (no second pass without the clip).
 
@@ -297,7 +299,8 @@ def generalized_jsd(
     vocab = student_logits.shape[-1]
     student_2d = student_logits.reshape(-1, vocab)
     teacher_2d = teacher_logits.detach().reshape(-1, vocab)
-    if chunk_size is None or chunk_size >= student_2d.shape[0]:
+    needs_graph = torch.is_grad_enabled() and student_2d.requires_grad
+    if chunk_size is None or (chunk_size >= student_2d.shape[0] and not needs_graph):
         rows, clipped = _gjsd_rows(student_2d, teacher_2d, float(beta), float(temperature), pointwise_clip)
     else:
         rows, clipped = _ChunkedGJSD.apply(

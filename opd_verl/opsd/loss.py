@@ -193,7 +193,7 @@ def teacher_response_logits(
         if logits.shape[1] != width:  # a model without `logits_to_keep` support returns every position
             logits = logits[:, keep]
         outs.append(logits)
-    return torch.cat(outs, dim=0)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # cat would copy even a single tensor
 
 
 def opsd_metrics(

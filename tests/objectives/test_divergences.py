@@ -297,3 +297,30 @@ def test_clip_flags_off_and_topk(beta):
     ref, ref_flags = _loop_reference(s_k, t_k, beta, 1.0, 0.05, with_flags=True)
     assert torch.equal(flags_k, ref_flags) and ref_flags.any()
     torch.testing.assert_close(div_k.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_chunked_graph_keeps_only_the_inputs_even_within_one_chunk(beta):
+    """With a chunk size, a call's graph saves its two inputs only (the backward recomputes), also when every
+    position fits in one chunk: many such calls waiting for one backward hold no `(N, V)` intermediates."""
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(6, 50, generator=g, requires_grad=True)
+    teacher = torch.randn(6, 50, generator=g)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    for chunk_size, bound in ((None, None), (6, 2 * 6 * 50), (64, 2 * 6 * 50), (4, 2 * 6 * 50)):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = generalized_jsd(student, teacher, beta=beta, pointwise_clip=0.05, chunk_size=chunk_size)
+        if bound is None:
+            assert sum(saved) > 3 * 6 * 50  # plain autograd keeps several (N, V) intermediates
+            ref = out
+            ref_grad = torch.autograd.grad(out.sum(), student)[0]
+            continue
+        assert sum(saved) <= bound, (chunk_size, saved)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), student)[0], ref_grad, rtol=1e-5, atol=1e-7)
