@@ -11,6 +11,8 @@
    each step, then a resume that runs step 3.
 5. checks that need 2+ GPUs (sequence parallelism, sharding across ranks, server teachers), reported as not run
    on a machine with fewer.
+6. ``teacher_offload``, judged on the ``exopd_iw_release`` run's metrics: each offload of the colocated teacher
+   freed its parameters' device memory (``torch.cuda.memory_allocated`` before/after, per worker process).
 
 A summary table ends the run (`report.py`); the exit status is non-zero when any check failed, and the failed
 checks are named. ``--dry-run`` does on CPU what needs no CUDA (models, argument handling, each trainer run's

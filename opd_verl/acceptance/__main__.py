@@ -19,7 +19,9 @@ from opd_verl.acceptance.report import CheckFailed, Report
 
 COMPONENTS = ("teacher_logprobs", "logprob_memory", "student_topk_hook", "opsd_lora_step")
 RUNS = ("exopd_iw_release", "opsd", "opsd_resume", "two_gpu_sp_sharded", "two_gpu_server_teachers")
-CHECKS = ("environment", "models", *COMPONENTS, *RUNS)
+# judged on the output of a run above: the colocated teachers' offload frees their device memory (CUDA only)
+FROM_RUNS = {"teacher_offload": "exopd_iw_release"}
+CHECKS = ("environment", "models", *COMPONENTS, *RUNS, *FROM_RUNS)
 RUN_NEEDS = {"opsd_resume": "opsd"}  # a resume needs the checkpoints of the run before it
 # memory check sizes: one 16k-token row at Qwen's vocabulary on CUDA; on CPU a size its RSS can show
 MEMORY_SIZES = {"cuda": (16384, 151936, 1024), "cpu": (4096, 32768, 256)}
@@ -168,6 +170,17 @@ def main(argv: list[str] | None = None) -> int:
             report.skip(run.name, f"needs a passed {RUN_NEEDS[run.name]} run")
         else:
             report.run(run.name, lambda run=run: runs.execute(run, work, args.run_timeout))
+    by_name = {run.name: run for run in runs.plan(a, work, args.override)}
+    for name, source in FROM_RUNS.items():
+        if not want(name):
+            continue
+        if args.dry_run:
+            report.skip(name, "needs a GPU: on CPU the teacher's parameters already live in host memory")
+        elif not report.passed(source):
+            report.skip(name, f"needs a passed {source} run (teachers colocated, offload on)")
+        else:
+            path = by_name[source].metrics_file(work)
+            report.run(name, lambda path=path: runs.judge_offload(runs.read_metrics(path)))
     return finish(report, work, started)
 
 

@@ -24,7 +24,7 @@ import sys
 
 from opd_verl.acceptance.report import CheckFailed
 
-__all__ = ["TrainerRun", "plan", "command", "compose", "validate", "execute", "read_metrics"]
+__all__ = ["TrainerRun", "plan", "command", "compose", "validate", "execute", "read_metrics", "judge_offload"]
 
 TEACHER_PLACEMENT = "opd.teachers.placement"
 
@@ -106,7 +106,8 @@ def plan(assets, work: str, extra: list[str] | None = None) -> list[TrainerRun]:
     """The trainer runs: three on one GPU (check 4), two that need two GPUs (check 5)."""
     extra = list(extra or [])
     teacher = [f"opd.teachers.models.default.path={assets.teacher}"]
-    placement = [f"{TEACHER_PLACEMENT}=colocated"] if has_placement() else []
+    # teachers in veRL's global pool with the actor and rollout, parameters in CPU memory outside their phase
+    placement = [f"{TEACHER_PLACEMENT}=colocated", "opd.teachers.offload=true"] if has_placement() else []
 
     user_keys = {_key(o) for o in extra}
 
@@ -335,6 +336,38 @@ def judge(run: TrainerRun, metrics: dict[int, dict], run_dir: str) -> str:
     return (
         f"steps {sorted(metrics)}; {what}; opsd loss {last['actor/opsd/loss']:.4f}, "
         f"divergence {last['actor/opsd/divergence_mean']:.4f}, grad norm {last['actor/grad_norm']:.3g}"
+    )
+
+
+# the least share of its parameter shard's bytes a teacher process must free on the device at each offload
+OFFLOAD_FREED_MIN = 0.9
+
+
+def judge_offload(metrics: dict[int, dict]) -> str:
+    """The colocated teachers' offload in a finished run (``opd.teachers.offload=true``): at every step each
+    teacher worker process's ``torch.cuda.memory_allocated`` fell by at least `OFFLOAD_FREED_MIN` of its parameter
+    shard's bytes when the parameters left the device after the teacher phase (metrics of
+    `opd_verl.trainer.opd_trainer.offload_metrics`). Figure: the smallest share freed, the parameters offloaded
+    and what a process still held."""
+    keys = ("opd/teacher_offload/freed_fraction", "opd/teacher_offload/params_gib")
+    if not metrics:
+        raise CheckFailed("no step logged")
+    for step, data in sorted(metrics.items()):
+        missing = [k for k in keys if k not in data]
+        if missing:
+            raise CheckFailed(f"step {step}: missing {', '.join(missing)} (no offload measured on a CUDA device)")
+        freed = float(data[keys[0]])
+        if not freed >= OFFLOAD_FREED_MIN:
+            raise CheckFailed(
+                f"step {step}: the offload freed {freed:.0%} of a teacher process's parameter bytes on the device "
+                f"(at least {OFFLOAD_FREED_MIN:.0%} expected): the parameters stayed there"
+            )
+    low = min(float(d[keys[0]]) for d in metrics.values())
+    held = max(float(d.get("opd/teacher_offload/allocated_after_gib", math.nan)) for d in metrics.values())
+    params = max(float(d[keys[1]]) for d in metrics.values())
+    return (
+        f"steps {sorted(metrics)}: each offload freed >= {low:.0%} of the teacher's {params:.3f} GiB of parameters "
+        f"on the device; a teacher process held at most {held:.3f} GiB after it"
     )
 
 

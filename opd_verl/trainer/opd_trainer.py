@@ -15,7 +15,6 @@ in CPU memory outside the teacher phase.
 
 from __future__ import annotations
 
-import logging
 import time
 from functools import partial
 from typing import Any
@@ -38,10 +37,10 @@ __all__ = [
     "OPDTrainer",
     "OPDTaskRunner",
     "TEACHER_PREFIX",
+    "forward_settings",
+    "offload_metrics",
     "REF_PREFIX",
 ]
-
-logger = logging.getLogger(__name__)
 
 OPD_TRAINER_NAME = "opd_sync"
 POOL_NAME = "opd_pool"  # the teachers' own pool (opd.teachers.placement=separate)
@@ -71,6 +70,41 @@ def _padded(value: torch.Tensor | None, fill: float = 0.0) -> torch.Tensor | Non
     if value is None:
         return None
     return value.to_padded_tensor(fill) if getattr(value, "is_nested", False) else value
+
+
+def forward_settings(actor_rollout_ref: DictConfig) -> dict[str, Any]:
+    """How the forward-only workers batch their forwards, from veRL's ``actor_rollout_ref`` section: as veRL's
+    reference worker does (packing from ``model.use_remove_padding``, token budget or rows per forward from the
+    ``ref.log_prob_*`` fields). Keyword arguments of `forward_worker_config`."""
+    arr = actor_rollout_ref
+    return {
+        "micro_batch_size": int(arr.ref.get("log_prob_micro_batch_size_per_gpu") or 8),
+        "use_remove_padding": bool(arr.model.get("use_remove_padding", True)),
+        "use_dynamic_bsz": bool(arr.ref.get("log_prob_use_dynamic_bsz", False)),
+        "max_token_len": int(arr.ref.get("log_prob_max_token_len_per_gpu") or 16384),
+    }
+
+
+def offload_metrics(stats: list[dict[str, int]]) -> dict[str, float]:
+    """Metrics of one offload of the forward workers from each worker process's report (`ForwardOnlyWorker.
+    offload_params` on CUDA: ``allocated_before``, ``allocated_after``, ``param_bytes``); empty without reports.
+
+    - ``opd/teacher_offload/freed_fraction``: the smallest, over processes, device memory freed by the offload
+      divided by the bytes of that process's parameter shard (about 1 when the parameters left the device);
+    - ``opd/teacher_offload/params_gib``: parameter bytes of all shards offloaded, GiB;
+    - ``opd/teacher_offload/allocated_after_gib``: the largest device memory a worker process still holds, GiB.
+    """
+    stats = [s for s in stats if s and s.get("param_bytes", 0) > 0]
+    if not stats:
+        return {}
+    gib = float(2**30)
+    return {
+        "opd/teacher_offload/freed_fraction": min(
+            (s["allocated_before"] - s["allocated_after"]) / s["param_bytes"] for s in stats
+        ),
+        "opd/teacher_offload/params_gib": sum(s["param_bytes"] for s in stats) / gib,
+        "opd/teacher_offload/allocated_after_gib": max(s["allocated_after"] for s in stats) / gib,
+    }
 
 
 class OPDTaskRunnerBase(TaskRunnerV1.__ray_actor_class__):
@@ -160,14 +194,7 @@ class OPDTrainer(PluginTrainer):
         from opd_verl.workers.forward_worker import forward_worker_config
 
         teachers, release = self.opd.teachers, self.opd.release
-        arr = self.config.actor_rollout_ref
-        # forwards follow veRL's reference worker: packing, token budget or rows per forward
-        forwards = {
-            "micro_batch_size": int(arr.ref.get("log_prob_micro_batch_size_per_gpu") or 8),
-            "use_remove_padding": bool(arr.model.get("use_remove_padding", True)),
-            "use_dynamic_bsz": bool(arr.ref.get("log_prob_use_dynamic_bsz", False)),
-            "max_token_len": int(arr.ref.get("log_prob_max_token_len_per_gpu") or 16384),
-        }
+        forwards = forward_settings(self.config.actor_rollout_ref)
         configs = {}
         self._teacher_refs = []
         ref_keys: dict[str, str] = {}
@@ -206,26 +233,31 @@ class OPDTrainer(PluginTrainer):
             device_name=self.config.trainer.device,
         )
         self.forward_wgs = wg.spawn(prefix_set=class_dict.keys())
-        for key in class_dict:
-            self.forward_wgs[key].init_model()
+        landed = {key: self.forward_wgs[key].init_model()[0] for key in class_dict}
         if self.opd.teachers.offload:
             self._offload_forward_workers()
-        logger.info(
-            "opd_verl forward-only workers ready: %s (%s placement, %d ranks)",
-            sorted(self.forward_wgs),
-            self.opd.teachers.placement,
-            wg.world_size,
-        )
+        pool_name = self.resource_pool_manager.mapping[ROLE_NAME]
+        for key, info in landed.items():
+            how = f"FSDP2-sharded over {info['backend']}" if info["sharded"] else "one unsharded copy"
+            print(
+                f"opd_verl: forward workers {key}: {info['world_size']} rank(s) in {pool_name} "
+                f"({self.opd.teachers.placement}), {how}, offload {'on' if self.opd.teachers.offload else 'off'}",
+                flush=True,
+            )
 
     def _load_forward_workers(self) -> None:
         """``opd.teachers.offload``: teacher/reference parameters back on the device before the teacher phase."""
         for wg in self.forward_wgs.values():
             wg.load_params()
 
-    def _offload_forward_workers(self) -> None:
-        """``opd.teachers.offload``: teacher/reference parameters to CPU memory after the teacher phase."""
+    def _offload_forward_workers(self, metrics: dict | None = None) -> None:
+        """``opd.teachers.offload``: teacher/reference parameters to CPU memory after the teacher phase; with
+        ``metrics``, what the offload freed on the device (`offload_metrics`; nothing on a CPU run)."""
+        stats = []
         for wg in self.forward_wgs.values():
-            wg.offload_params()
+            stats += [s for s in (wg.offload_params() or []) if s]
+        if metrics is not None:
+            metrics.update(offload_metrics(stats))
 
     def _install_student_topk_loss(self) -> None:
         from verl.utils.config import omega_conf_to_dataclass
@@ -327,7 +359,7 @@ class OPDTrainer(PluginTrainer):
                 self._compute_teacher_outputs(batch, owners, metrics)
             finally:
                 if self.opd.teachers.offload:
-                    self._offload_forward_workers()
+                    self._offload_forward_workers(metrics)
 
         have_ref = self.use_reference_policy
         have_base_ref = any(self._teacher_refs)

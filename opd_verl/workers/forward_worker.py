@@ -123,6 +123,11 @@ def _rows(value) -> list[torch.Tensor]:
     return [torch.as_tensor(v) for v in value]
 
 
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter; a plain tensor as is."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 def _scalar(data: TensorDict, key: str, default):
     from verl.utils import tensordict_utils as tu
 
@@ -145,8 +150,12 @@ class ForwardOnlyWorker(Worker):
         self.device = None
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def init_model(self) -> None:
-        """Load the model (sharded with FSDP2 over the group when it has several ranks) and its tokenizer."""
+    def init_model(self) -> dict[str, Any]:
+        """Load the model (sharded with FSDP2 over the group when it has several ranks) and its tokenizer.
+
+        Returns where it landed: ``world_size``, ``sharded`` (FSDP2) and the collective ``backend`` (None with one
+        rank), for the trainer's start-up line.
+        """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from verl.utils.device import get_device_name
 
@@ -191,6 +200,9 @@ class ForwardOnlyWorker(Worker):
         model.requires_grad_(False)
         self.model = model
         self._register_dispatch_collect_info(mesh_name=MESH_NAME, dp_rank=self.rank, is_collect=True)
+        sharded = self.world_size > 1
+        backend = torch.distributed.get_backend() if sharded else None
+        return {"world_size": self.world_size, "sharded": sharded, "backend": backend}
 
     def _forward_groups(self, seq_lens: list[int]) -> list[list[int]]:
         """Row indices of each forward; every rank gets the same count (empty lists pad the short ones)."""
@@ -314,12 +326,27 @@ class ForwardOnlyWorker(Worker):
         return rows
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def offload_params(self) -> None:
-        """Move this rank's parameters (its FSDP2 shard) to CPU memory and free the device cache (veRL's helper)."""
+    def offload_params(self) -> dict[str, int] | None:
+        """Move this rank's parameters (its FSDP2 shard) to CPU memory and free the device cache (veRL's helper).
+
+        Returns, on CUDA, this process's ``torch.cuda.memory_allocated`` before and after (``allocated_before``,
+        ``allocated_after``) and the bytes of its parameter shard (``param_bytes``), so the trainer can log what
+        the offload freed; None on a CPU run, where the parameters already live in host memory.
+        """
         from verl.utils.fsdp_utils import offload_fsdp_model_to_cpu
 
-        if self.device.type != "cpu":  # on a CPU run the parameters already live in CPU memory
-            offload_fsdp_model_to_cpu(self.model)
+        if self.device.type == "cpu":
+            return None
+        measured = self.device.type == "cuda"
+        if measured:
+            before = torch.cuda.memory_allocated(self.device)
+            param_bytes = sum(_local(p).numel() * p.element_size() for p in self.model.parameters())
+        offload_fsdp_model_to_cpu(self.model)
+        if not measured:
+            return None
+        torch.cuda.synchronize(self.device)  # the device-to-host copies are asynchronous
+        after = torch.cuda.memory_allocated(self.device)
+        return {"allocated_before": int(before), "allocated_after": int(after), "param_bytes": int(param_bytes)}
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def load_params(self) -> None:

@@ -184,3 +184,44 @@ def test_offload_wraps_the_teacher_phase(compose_cfg):
         with pytest.raises(RuntimeError):
             tr._compute_advantage(mock.Mock(), {})
     assert events == [("score", None)]
+
+
+def test_offload_metrics_from_the_worker_reports():
+    """What the teacher phase logs from the workers' CUDA reports (allocated before/after, parameter bytes)."""
+    from opd_verl.trainer.opd_trainer import offload_metrics
+
+    gib = 2**30
+    reports = [
+        {"allocated_before": 3 * gib, "allocated_after": 1 * gib, "param_bytes": 2 * gib},  # freed all 2 GiB
+        {"allocated_before": 5 * gib, "allocated_after": 4 * gib, "param_bytes": 2 * gib},  # freed 1 of 2 GiB
+        None,  # a CPU rank: nothing measured
+    ]
+    assert offload_metrics(reports) == {
+        "opd/teacher_offload/freed_fraction": 0.5,
+        "opd/teacher_offload/params_gib": 4.0,
+        "opd/teacher_offload/allocated_after_gib": 4.0,
+    }
+    assert offload_metrics([None, None]) == {} and offload_metrics([]) == {}
+
+
+def test_teacher_phase_logs_what_the_offload_freed(compose_cfg):
+    """The advantage step collects every forward group's per-rank reports of its offload into the step metrics."""
+    gib = 2**30
+    tr = _trainer(_cfg(compose_cfg, "opd.teachers.offload=true"))
+    reports = {
+        "teacher0": [{"allocated_before": 2 * gib, "allocated_after": 0, "param_bytes": 2 * gib}] * 2,
+        "reference0": [{"allocated_before": gib, "allocated_after": gib // 4, "param_bytes": gib}] * 2,
+    }
+    tr.forward_wgs = {k: mock.Mock(**{"offload_params.return_value": v}) for k, v in reports.items()}
+    tr.timing_raw, tr.use_reference_policy, tr._teacher_refs = {}, False, [None]
+    tr._route = lambda batch: [0]
+    tr._compute_teacher_outputs = lambda batch, owners, metrics: None
+    metrics = {}
+    with mock.patch("transfer_queue.kv_batch_get", side_effect=RuntimeError("stop after the teacher phase")):
+        with pytest.raises(RuntimeError, match="stop after"):
+            tr._compute_advantage(mock.Mock(), metrics)
+    assert metrics["opd/teacher_offload/freed_fraction"] == 0.75  # the reference freed 3/4 of its 1 GiB
+    assert metrics["opd/teacher_offload/params_gib"] == 6.0  # 2 ranks x (2 + 1) GiB
+    assert metrics["opd/teacher_offload/allocated_after_gib"] == 0.25
+    # the offload at start-up (no step yet) logs nothing
+    tr._offload_forward_workers()

@@ -87,6 +87,10 @@ def test_dry_run_passes_with_every_check_in_the_table(dry_run):
     for name in cli.RUNS:
         assert rows[name][0] == "pass" and rows[name][1].startswith("config valid, not started"), rows[name]
     assert "sp 2" in rows["two_gpu_sp_sharded"][1] and "teachers server" in rows["two_gpu_server_teachers"][1]
+    assert rows["teacher_offload"][:2] == [
+        "not run",
+        "needs a GPU: on CPU the teacher's parameters already live in host memory",
+    ]
     assert (work / "summary.md").read_text().splitlines()[0] == "| check | result | figure | time |"
     assert proc.stdout.rstrip().endswith("gpu_acceptance: no check failed")
 
@@ -122,8 +126,8 @@ def test_dry_run_prints_each_command_with_the_gpu_settings(dry_run):
             assert setting in cmd, (name, setting)
     assert "trainer.save_freq=1" in commands["opsd"] and "trainer.resume_mode=auto" in commands["opsd_resume"]
     assert f"trainer.default_local_dir={work}/runs/opsd " in commands["opsd_resume"]  # resumes the opsd run's folder
-    placement = "opd.teachers.placement=colocated"
-    assert (placement in commands["exopd_iw_release"]) == runs.has_placement()
+    for setting in ("opd.teachers.placement=colocated", "opd.teachers.offload=true"):  # what teacher_offload judges
+        assert (setting in commands["exopd_iw_release"]) == runs.has_placement()
 
 
 def test_topk_hook_and_opsd_step_on_the_dry_run_student(dry_run):
@@ -250,3 +254,22 @@ def test_component_checks_pass_on_cpu(tmp_path):
     assert "same id set 100.0%" in rows["student_topk_hook"][1]  # float32: no near-ties reorder
     assert "0 of " in rows["opsd_lora_step"][1] and "base tensors changed" in rows["opsd_lora_step"][1]
     assert "L=4096 V=32768" in rows["logprob_memory"][1]
+
+
+def test_judge_teacher_offload_from_the_run_metrics(tmp_path):
+    """teacher_offload (GPU only): every step's offload freed >= 90% of a teacher process's parameter bytes."""
+    step = {
+        "opd/teacher_offload/freed_fraction": 0.998,
+        "opd/teacher_offload/params_gib": 0.25,
+        "opd/teacher_offload/allocated_after_gib": 0.01,
+    }
+    path = tmp_path / "m.jsonl"
+    _write_metrics(path, {1: step, 2: step})
+    figure = runs.judge_offload(runs.read_metrics(str(path)))
+    assert figure.startswith("steps [1, 2]: each offload freed >= 100% of the teacher's 0.250 GiB")
+    _write_metrics(path, {1: step, 2: step | {"opd/teacher_offload/freed_fraction": 0.1}})
+    with pytest.raises(AssertionError, match="step 2: the offload freed 10% .* the parameters stayed there"):
+        runs.judge_offload(runs.read_metrics(str(path)))
+    _write_metrics(path, {1: _opd_step(-0.4, -0.5)})  # a CPU-like run: no CUDA measurement was logged
+    with pytest.raises(AssertionError, match="step 1: missing opd/teacher_offload/freed_fraction"):
+        runs.judge_offload(runs.read_metrics(str(path)))

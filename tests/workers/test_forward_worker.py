@@ -201,7 +201,11 @@ def test_two_rank_fsdp_group_matches_direct_forward(ray_cpu, model_dirs, setting
         config=forward_worker_config(model_dirs["untied"], "opd_teacher", chunk_size=2, own_topk=2, **settings),
     )
     wg = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=cls, device_name="cpu")
-    wg.init_model()
+    landed = wg.init_model()  # what the trainer's start-up line reports
+    assert [(i["world_size"], i["sharded"]) for i in landed] == [(2, True)] * 2
+    assert all(i["backend"] in ("gloo", "cpu:gloo") for i in landed), landed
+    assert wg.offload_params() == [None, None]  # on CPU the parameters already live in host memory: no report
+    wg.load_params()
     prompts, responses = _ragged(seed=11)
     td = TensorDict({"prompts": _nested(prompts), "responses": _nested(responses)}, batch_size=[len(prompts)])
     out = wg.compute_logprobs(td)
