@@ -11,9 +11,11 @@ so teacher logits never leave the worker. Variants (``opd.opsd.loss``):
   policy-gradient loss (:func:`sampled_token_advantages`).
 
 Teacher logits are computed with ``logits_to_keep`` restricted to the response positions. The actor's loss
-(`opd_verl.integration.opsd_loss`) runs the teacher over groups of samples of at most the actor's token budget and
-consumes each group's logits before the next forward, so the teacher adds one group's ``g x R_g x V`` values in the
-model's dtype at a time (``R_g``: the group's response width), never the micro-batch's ``B x R x V``.
+(`opd_verl.workers.opsd_actor`) runs the teacher over groups of samples of at most the actor's token budget and
+consumes each group's logits before the next forward: no copy of the micro-batch's ``B x R x V`` logits is made.
+``topk`` and ``sampled`` keep no teacher logits afterwards; ``full`` keeps each group's ``g x R_g x V`` logits (model
+dtype, ``R_g``: the group's response width) for the chunked divergence's recompute backward, and nothing else of
+size ``V`` per token.
 """
 
 from __future__ import annotations

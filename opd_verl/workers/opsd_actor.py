@@ -204,8 +204,9 @@ class OPSDActorLoss:
             from opd_verl.workers.logprobs import micro_batches
 
             # the teacher forward has its own token budget (the actor's per-GPU token budget, as veRL gives the
-            # student's forward); each group's teacher logits are consumed (log-probs, divergences) and dropped
-            # before the next group runs, so at most one group's `(g, R_g, V)` logits exist at a time
+            # student's forward); each group's teacher logits are consumed (log-probs, divergences) before the next
+            # group runs: `topk`/`sampled` keep none of them, `full` keeps the groups' `(g, R_g, V)` logits for
+            # the divergence's recompute backward (no other `(r, V)` intermediates)
             budget = int(getattr(self.actor_config, "ppo_max_token_len_per_gpu", 0) or DEFAULT_TEACHER_MAX_TOKENS)
             lens = [len(prompts[i]) + int(resp_lens[i]) for i in chosen]
             for group in micro_batches(lens, max_tokens=budget):
