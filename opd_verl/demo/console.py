@@ -32,6 +32,8 @@ STEP_KEYS = (
     ("perf/time_per_step", "s/step", "{:.1f}", 1.0),
 )
 POLL_SECONDS = 0.5
+# `opd/health/alarm/NAME`: 1 when the alarm fired at the step
+ALARM_PREFIX = "opd/health/alarm/"
 
 
 def physical_cores() -> int:
@@ -52,7 +54,8 @@ def silence_known_driver_warnings() -> None:
 
 
 def step_line(step: int, total: int | None, data: dict) -> str:
-    """`step 3/50  reverse KL 2.757  reward 0.12  ...` from one step's metrics (keys absent are left out)."""
+    """`step 3/50  reverse KL 2.757  reward 0.12  ...` from one step's metrics (keys absent are left out), with the
+    names of the health alarms that fired."""
     parts = [f"step {step}/{total}" if total else f"step {step}"]
     seen = set()
     for key, label, fmt, sign in STEP_KEYS:
@@ -64,6 +67,10 @@ def step_line(step: int, total: int | None, data: dict) -> str:
     held_out = sorted(k for k in data if HELD_OUT_KEY.match(k))
     for key in held_out:
         parts.append(f"held-out accuracy {float(data[key]):.3f}")
+    # alarms with action `warn` are logged by the trainer, in Ray's worker log: the step line names them
+    fired = sorted(k[len(ALARM_PREFIX) :] for k, v in data.items() if k.startswith(ALARM_PREFIX) and v)
+    if fired:
+        parts.append(f"HEALTH ALARM {', '.join(fired)} (docs/health.md)")
     return "  ".join(parts)
 
 

@@ -132,6 +132,10 @@ def test_console_step_lines_follow_the_metrics_file(tmp_path):
     assert step_line(3, 50, data) == "step 3/50  reverse KL 2.500  reward 0.25  s/step 4.0"
     data.update({"opd/release/accept_rate": 0.375, "opd/release/kept_fraction": 0.8125})
     assert step_line(3, None, data) == "step 3  reverse KL 2.500  reward 0.25  released 0.38  kept 0.81  s/step 4.0"
+    data.update({"opd/health/alarm/collapse": 0.0, "opd/health/alarm/iw": 0.0})
+    assert step_line(3, None, data).endswith("s/step 4.0")  # no alarm fired: nothing added
+    data.update({"opd/health/alarm/collapse": 1.0, "opd/health/alarm/advantage_jump": 1.0})
+    assert step_line(3, 50, data).endswith("s/step 4.0  HEALTH ALARM advantage_jump, collapse (docs/health.md)")
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 9, "data": {}}\n')  # a previous run's file is not printed as this run's
     printed = []
