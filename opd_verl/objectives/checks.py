@@ -87,7 +87,8 @@ def check_finite_at_valid(name: str, values: torch.Tensor, mask: torch.Tensor) -
 
 def valid_mask(response_mask: torch.Tensor) -> torch.Tensor:
     """`(B, T)` float32 1 where ``response_mask`` is nonzero (a valid response token), else 0."""
-    return response_mask.bool().float()
+    out = torch.empty(response_mask.shape, dtype=torch.float32, device=response_mask.device)
+    return torch.ne(response_mask, 0, out=out)
 
 
 def masked(name: str, values: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -246,29 +246,31 @@ def compose_advantages(
     def mean(values: torch.Tensor) -> float:
         return float(values.sum()) / max(n_valid, 1.0)
 
-    def stage(name: str, values: torch.Tensor) -> None:  # mean and std over the valid tokens after a stage
+    def stage(name: str, values: torch.Tensor) -> float:  # mean and std over the valid tokens after a stage
+        # values are 0 off the mask: the valid tokens' sum of squares is the whole tensor's (one pass, no copy)
         average = mean(values)
+        square_mean = float(torch.linalg.vector_norm(values)) ** 2 / max(n_valid, 1.0)
         metrics[f"opd/stage/{name}/adv_mean"] = average
-        metrics[f"opd/stage/{name}/adv_std"] = mean((values - average).mul_(mask).square_()) ** 0.5
+        metrics[f"opd/stage/{name}/adv_std"] = max(square_mean - average * average, 0.0) ** 0.5
+        return average
 
     # each stage's metrics are taken as it is computed; the stages after it then work in place
     with torch.no_grad():
         teacher = masked("teacher_logprobs", teacher_logprobs, mask)
         disc = masked("student_logprobs", student_logprobs, mask).neg_().add_(teacher)
-        abs_disc = disc.abs()
         metrics["opd/discrepancy"] = mean(disc)
-        metrics["opd/abs_discrepancy"] = mean(abs_disc)
-        sums, counts = decile_sums(disc, mask)
+        metrics["opd/abs_discrepancy"] = float(torch.linalg.vector_norm(disc, ord=1)) / max(n_valid, 1.0)
+        valid_count = mask.cumsum(dim=-1)  # valid tokens up to and including t (deciles, release rule)
+        sums, counts = decile_sums(disc, mask, count=valid_count)
         for k, (total, count) in enumerate(zip(sums.tolist(), counts.tolist())):
             metrics[f"opd/discrepancy_decile/{k}"] = total / count if count else 0.0
 
         signal = disc if sp.name != "gopd" else gopd_signal(disc, teacher, mask, use_lam, ref_logprobs)
-        metrics["opd/signal"] = mean(signal)
-        stage("signal", signal)
+        metrics["opd/signal"] = stage("signal", signal)
 
         weights = None  # weighting "none": 1 on every valid token
         if wp.name == "iw":
-            weights = iw_weights(abs_disc, mask, wp.w_max)
+            weights = iw_weights(disc.abs(), mask, wp.w_max)
         elif wp.name != "none":
             fraction = wp.fraction
             if wp.anneal:
@@ -281,13 +283,12 @@ def compose_advantages(
 
         if rp.enabled:
             rule = (rp.min_segment, float(rp.penalty), float(rp.min_gain))
-            result = release_masked(advantages, mask, sentence_ids, margins, *rule)
+            result = release_masked(advantages, mask, sentence_ids, margins, *rule, count=valid_count)
             advantages = result.advantages
             metrics.update(_release_metrics(result))
         if params.task_coef != 0.0:
             advantages.add_(masked("task_advantages", task_advantages, mask), alpha=params.task_coef)
-        metrics["opd/advantage"] = mean(advantages)
-        stage("final", advantages)
+        metrics["opd/advantage"] = stage("final", advantages)
     return advantages, metrics
 
 
@@ -298,11 +299,12 @@ def _weight_metrics(weights: torch.Tensor | None, mask: torch.Tensor, n_valid: f
         return {"opd/weight_mean": 0.0, "opd/weight_min": 0.0, "opd/weight_max": 0.0}
     if weights is None:
         return {"opd/weight_mean": 1.0, "opd/weight_min": 1.0, "opd/weight_max": 1.0}
+    high = float(weights.amax())
     return {
         "opd/weight_mean": float(weights.sum()) / n_valid,
-        # masked positions (0) may hold the minimum of all positions, never the maximum
-        "opd/weight_min": float(torch.where(mask.bool(), weights, torch.inf).amin()),
-        "opd/weight_max": float(weights.amax()),
+        # masked positions (0) may hold the minimum of all positions, never the maximum: they are lifted above it
+        "opd/weight_min": float(torch.sub(1.0, mask).mul_(high + 1.0).add_(weights).amin()),
+        "opd/weight_max": high,
     }
 
 

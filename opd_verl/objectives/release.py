@@ -185,9 +185,11 @@ def release_masked(
     min_segment: int,
     penalty: float,
     min_gain: float,
+    count: torch.Tensor | None = None,
 ) -> ReleaseResult:
     """:func:`release` of float32 advantages ``adv`` `(B, T)` already 0 where the float 0/1 ``mask`` is 0; the
-    rule's arguments already checked; ``adv`` is scaled in place (it is the result's advantages)."""
+    rule's arguments already checked; ``adv`` is scaled in place (it is the result's advantages). ``count``:
+    ``mask.cumsum(-1)`` when the caller has it."""
     if sentence_ids.dtype.is_floating_point or sentence_ids.dtype == torch.bool:
         raise ValueError(f"sentence_ids must be an integer tensor, got dtype {sentence_ids.dtype}")
     batch, length = mask.shape
@@ -196,26 +198,40 @@ def release_masked(
         mask = torch.zeros(batch, 1, device=device)
         sentence_ids = torch.zeros(batch, 1, dtype=torch.int64, device=device)
         margins = torch.zeros(batch, 1, device=device)
+        count = None
     with torch.no_grad():
         # step 2: sentence index of every valid token, from 0 (ids may skip values; only their order matters)
         low, high = torch.aminmax(sentence_ids) if sentence_ids.numel() else (0, 0)
-        ids = sentence_ids.to(torch.int32 if max(-int(low), int(high)) < 2**31 else torch.int64, copy=True)
-        valid = mask.bool()
-        running = ids.masked_fill_(~valid, -1).cummax(dim=-1).values  # the largest valid id so far
-        if bool((valid & (ids < running)).any()) or (int(low) < 0 and bool((valid & (ids < 0)).any())):
+        exact = torch.float32 if max(-int(low), int(high)) < 2**24 else torch.float64
+        ids = sentence_ids.to(exact, copy=True)
+        count = mask.cumsum(dim=-1) if count is None else count  # valid tokens up to and including t
+        n_valid_f = count[:, -1:]
+        # in a row whose valid tokens are not its first n_valid positions, the ids become their running maximum over
+        # the valid tokens (-1 before the first): neighbours then compare as consecutive valid tokens do
+        holes = (count.gather(1, (n_valid_f.long() - 1).clamp_min(0)) != n_valid_f)[:, 0].nonzero()[:, 0]
+        decreasing = False
+        if holes.numel():
+            sub, sub_valid = ids[holes], mask[holes].bool()
+            running = sub.masked_fill(~sub_valid, -1).cummax(dim=-1).values
+            decreasing = bool((sub_valid & (sub < running)).any())
+            ids[holes] = running
+        # a sentence starts at a valid token whose id exceeds the previous valid token's
+        starts = torch.empty_like(ids)
+        step = torch.sub(ids[:, 1:], ids[:, :-1], out=starts[:, 1:]).mul_(mask[:, 1:])
+        first_valid = torch.searchsorted(count, torch.ones(batch, 1, device=device)).clamp_max_(mask.shape[1] - 1)
+        negative = (ids.gather(1, first_valid) < 0) & (n_valid_f > 0)
+        if decreasing or (step.numel() and float(step.amin()) < 0) or bool(negative.any()):
             raise ValueError("sentence_ids must be >= 0 and non-decreasing over the valid tokens of each row")
-        # a sentence starts where the running id grows; the index is -1 before the first valid token
-        starts = torch.zeros(batch, mask.shape[1], device=device)
-        starts[:, 0] = running[:, 0] >= 0
-        torch.gt(running[:, 1:], running[:, :-1], out=starts[:, 1:])
-        sentence = starts.cumsum_(dim=-1).sub_(1.0)  # float32: exact below 2^24 tokens
+        step.gt_(0.0)
+        starts[:, 0] = mask[:, 0]
+        sentence = starts.cumsum_(dim=-1).sub_(1.0).float()  # -1 before the first valid token; exact below 2^24
         n_sent = sentence[:, -1].long() + 1
         n_width = max(int(n_sent.max()) if batch else 0, 1)
 
         # segment sums: sentence j holds the valid tokens of positions [first[j], first[j + 1])
         boundaries = torch.arange(n_width + 1, dtype=torch.float32, device=device).expand(batch, -1).contiguous()
         first = torch.searchsorted(sentence, boundaries)
-        counts = _segment_sums(mask.cumsum(dim=-1), first)
+        counts = _segment_sums(count, first)
         # in the margins' precision: float32, or float64 when given (a teacher's margins carry ~3 digits)
         margins = masked("margins", margins, mask, torch.float64 if margins.dtype == torch.float64 else torch.float32)
         sums = _segment_sums(margins.cumsum_(dim=-1), first)

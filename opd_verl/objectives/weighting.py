@@ -172,7 +172,9 @@ def position_decile_means(
     return (sums / counts.clamp_min(1)).float(), counts
 
 
-def decile_sums(values: torch.Tensor, mask: torch.Tensor, n_bins: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def decile_sums(
+    values: torch.Tensor, mask: torch.Tensor, n_bins: int = 10, count: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`(n_bins,)` float64 sums of ``values`` and `(n_bins,)` int64 token counts per relative-position bin.
 
     The valid tokens of rank ``r`` (0-based) of ``n`` in a row, bin ``floor(n_bins * r / n)``, are the ranks
@@ -182,11 +184,13 @@ def decile_sums(values: torch.Tensor, mask: torch.Tensor, n_bins: int = 10) -> t
     Args:
         values: `(B, T)` float32, 0 where the mask is 0.
         mask: `(B, T)` float32 0/1 (:func:`~opd_verl.objectives.checks.valid_mask`).
+        count: ``mask.cumsum(-1)`` when the caller has it.
     """
     batch, length = mask.shape
     if length == 0:
         return torch.zeros(n_bins, dtype=torch.float64), torch.zeros(n_bins, dtype=torch.int64)
-    count = mask.cumsum(dim=-1)  # valid tokens up to and including t (exact in float32 below 2^24)
+    if count is None:
+        count = mask.cumsum(dim=-1)  # valid tokens up to and including t (exact in float32 below 2^24)
     csum = values.cumsum(dim=-1)
     n = count[:, -1:]
     k = torch.arange(n_bins + 1, device=mask.device, dtype=torch.float32)

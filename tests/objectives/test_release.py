@@ -201,6 +201,11 @@ def test_apply_release_errors():
         apply_release(torch.ones(1, 3), mask, torch.tensor([[0, 2, 1]]), torch.zeros(1, 3))
     with pytest.raises(ValueError, match="integer"):
         apply_release(torch.ones(1, 3), mask, torch.zeros(1, 3), torch.zeros(1, 3))
+    # rows with masked holes (ids compared across the hole) and rows starting after a masked position
+    holed = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    for ids in ([[2, 9, 1], [0, 0, 0]], [[0, 0, 0], [0, 3, 2]], [[0, 0, 0], [5, -1, 0]]):
+        with pytest.raises(ValueError, match="non-decreasing"):
+            apply_release(torch.ones(2, 3), holed, torch.tensor(ids), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="margins"):
         apply_release(torch.ones(1, 3), mask, torch.zeros(1, 3, dtype=torch.long), torch.tensor([[0.0, math.nan, 0]]))
     with pytest.raises(ValueError, match="min_segment"):
