@@ -18,26 +18,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
+from bench_objectives import _median_time  # this folder: first on sys.path when run as a script
 from omegaconf import OmegaConf
 
 import opd_verl
 from opd_verl.config import parse_opd_section
 from opd_verl.objectives import StageParams, compose_advantages
 from opd_verl.trainer.health_monitor import HealthMonitor
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Benchmark the objectives library; prints ratios measured in one run.
 
-1. Advantage pipeline (``compose_advantages``: ExOPD + IW + release with its metrics, margins and sentence ids
+1. The advantage stages (``compose_advantages``: ExOPD + IW + release with its metrics, margins and sentence ids
    given) on a `[rows, cols]` float32 batch, beside the public stage functions called one after another; with
    ``--baseline-rev REV`` also both as of git revision REV (imported from ``git show``), in the same run.
 2. Chunked generalized JSD (forward + backward) on `[positions, vocab]` logits: time ratio to the unchunked
@@ -41,7 +41,7 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _pipeline_batch(rows: int, cols: int, sentences: int, seed: int = 0, padding: float | None = None):
+def _stages_batch(rows: int, cols: int, sentences: int, seed: int = 0, padding: float | None = None):
     """Log-probs, float mask, row-sorted sentence ids and margins; ``padding`` (e.g. -inf) fills the student's
     log-probs at masked positions, None keeps finite values there as a veRL rollout has."""
     g = torch.Generator().manual_seed(seed)
@@ -113,11 +113,11 @@ def _interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bench_pipeline(args) -> None:
+def bench_stages(args) -> None:
     import opd_verl.objectives as lib
 
-    batch = _pipeline_batch(args.rows, args.cols, args.sentences, 0)
-    padded = _pipeline_batch(args.rows, args.cols, args.sentences, 0, float("-inf"))
+    batch = _stages_batch(args.rows, args.cols, args.sentences, 0)
+    padded = _stages_batch(args.rows, args.cols, args.sentences, 0, float("-inf"))
     n_tokens = float(batch[3].sum())
     fns = {
         "compose_advantages": lambda: _composed(lib, batch),
@@ -131,7 +131,7 @@ def bench_pipeline(args) -> None:
         fns[f"{args.baseline_rev}: stage functions chained"] = lambda: _stage_functions(base, batch)
     times = _interleaved_medians(fns, args.repeats)
     print(
-        f"[pipeline] ExOPD + IW + release on [{args.rows}, {args.cols}] float32 ({n_tokens / 1e6:.2f}M valid tokens,"
+        f"[stages] ExOPD + IW + release on [{args.rows}, {args.cols}] float32 ({n_tokens / 1e6:.2f}M valid tokens,"
         f" ~{args.sentences} sentences/row), median of {args.repeats}, each ratio = its time / compose_advantages'"
     )
     ours = times["compose_advantages"]
@@ -302,7 +302,7 @@ def main() -> None:
     parser.add_argument("--seg-len", type=int, default=4096)
     parser.add_argument("--seg-vocab", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["pipeline", "gjsd", "sentences"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["stages", "gjsd", "sentences"])
     parser.add_argument("--memory-variant", choices=["chunked", "unchunked"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads > 0:
@@ -311,8 +311,8 @@ def main() -> None:
         gjsd_memory_child(args)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if "pipeline" not in args.skip:
-        bench_pipeline(args)
+    if "stages" not in args.skip:
+        bench_stages(args)
     if "gjsd" not in args.skip:
         bench_gjsd(args)
     if "sentences" not in args.skip:

@@ -6,13 +6,11 @@
 2. For forward-only engines (the reference policy) veRL's FSDP2 path builds `CPUOffloadPolicy(pin_memory=True)`;
    pinning host memory needs an accelerator and fails on a CPU-only machine. `patch_offload_policy` rebinds the
    `CPUOffloadPolicy` name inside `verl.workers.engine.fsdp.transformer_impl` to a subclass that never pins (on CPU,
-   offloading to CPU is already where the parameters live). `tests/cpu/test_verl_internals.py` fails if the name
+   offloading to CPU is already where the parameters live). `tests/cpu_port/test_verl_internals.py` fails if the name
    or the call moves.
 """
 
 from __future__ import annotations
-
-import importlib
 
 ENGINE_MODULE = "verl.workers.engine.fsdp.transformer_impl"
 OFFLOAD_POLICY_NAME = "CPUOffloadPolicy"
@@ -34,13 +32,9 @@ def register_engines() -> None:
 
 def patch_offload_policy() -> None:
     """Make veRL's FSDP2 engine build a non-pinning `CPUOffloadPolicy` (idempotent)."""
-    module = importlib.import_module(ENGINE_MODULE)
-    original = getattr(module, OFFLOAD_POLICY_NAME, None)
-    if original is None:
-        raise RuntimeError(
-            f"opd_verl.cpu_port: {ENGINE_MODULE}.{OFFLOAD_POLICY_NAME} not found; "
-            "veRL changed, update opd_verl/cpu_port/fsdp_engines.py."
-        )
+    from opd_verl.cpu_port import verl_target
+
+    module, original = verl_target(ENGINE_MODULE, OFFLOAD_POLICY_NAME, "fsdp_engines.py")
     if getattr(original, "_opd_verl_no_pin", False):
         return
 

@@ -5,7 +5,7 @@ backend `f"cpu:gloo,{device}:{collective}"`; on the CPU platform that is `"cpu:g
 ("Duplicate device type cpu"). veRL's trainer worker (`verl.workers.engine_workers.TrainingWorker`) calls it without
 a backend. The wrapper below passes `backend="cpu:gloo"` when none is given and the CPU platform is active, and
 changes nothing otherwise. `verl.workers.engine_workers` imports the function by name, so its reference is
-rebound too when that module is already loaded. `tests/cpu/test_verl_internals.py` fails if the function moves or
+rebound too when that module is already loaded. `tests/cpu_port/test_verl_internals.py` fails if the function moves or
 its signature changes.
 """
 
@@ -33,15 +33,9 @@ def _check_signature(fn) -> None:
 
 def patch_process_group_backend() -> None:
     """Wrap veRL's `initialize_global_process_group_ray` so it defaults to `cpu:gloo` on the CPU platform."""
-    import importlib
+    from opd_verl.cpu_port import verl_target
 
-    module = importlib.import_module(TARGET_MODULE)
-    original = getattr(module, TARGET_NAME, None)
-    if original is None:
-        raise RuntimeError(
-            f"opd_verl.cpu_port: {TARGET_MODULE}.{TARGET_NAME} not found; "
-            "veRL changed, update opd_verl/cpu_port/gloo_patch.py."
-        )
+    module, original = verl_target(TARGET_MODULE, TARGET_NAME, "gloo_patch.py")
     if getattr(original, "_opd_verl_cpu_patch", False):
         patched = original
     else:

@@ -3,7 +3,7 @@
 veRL 0.9.1 resolves a rollout in two places: the replica through the public `RolloutReplicaRegistry.register`, and
 the trainer-side adapter through `verl.workers.rollout.base._ROLLOUT_REGISTRY[(name, mode)]`, a private dict of
 dotted class paths with no registration function. `ROLLOUT_REGISTRY_ATTR` below is the only place opd_verl touches
-it; `tests/cpu/test_verl_internals.py` fails with a clear message if the dict moves or changes shape.
+it; `tests/cpu_port/test_verl_internals.py` fails with a clear message if the dict moves or changes shape.
 """
 
 from __future__ import annotations

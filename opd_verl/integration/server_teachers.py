@@ -4,12 +4,12 @@ veRL's teacher servers (vLLM/SGLang replicas on their own resource pool, `distil
 log-prob of each sampled token. That is all OPD, G-OPD/ExOPD (with the student-init reference) and IW-OPD need, so
 for those objectives the plugin's registered distillation loss ``opd_pipeline`` runs inside veRL's own trainer:
 `distillation.distillation_loss.loss_mode=opd_pipeline` in estimator mode with the policy gradient, i.e. PPO-clip
-with the pipeline's advantages. The stage parameters reach the actor workers as JSON in their environment
-(``OPD_VERL_STAGE_PARAMS``, read by `opd_verl.integration.adapters`).
+with the advantages of the configured stages (`compose_advantages`). The stages reach the actor workers as JSON in
+their environment (``OPD_VERL_STAGE_PARAMS``, read by `opd_verl.integration.adapters`).
 
 veRL's advantage step still runs with `algorithm.adv_estimator`, without log-probs, and its result feeds only the
 policy loss that `use_task_rewards=false` zeroes: the estimator is set to veRL's `grpo` (the plugin's need the
-log-probs). Rollout importance weights are applied inside the pipeline loss (`opd_verl.integration.adapters`).
+log-probs). Rollout importance weights are applied inside that loss (`opd_verl.integration.adapters`).
 
 What the servers cannot provide is refused by `opd_verl.config` before this runs: the release rule (teacher
 log-probs at the student's top-K ids), reward correction (a third model), per-teacher lam, routing by an
@@ -36,7 +36,7 @@ def stage_params_json(opd: OPDConfig) -> str:
 
 
 def apply_server_teachers(cfg: DictConfig, opd: OPDConfig) -> DictConfig:
-    """Point veRL's `distillation.*` at the configured teachers and the plugin's pipeline loss (in place).
+    """Point veRL's `distillation.*` at the configured teachers and the plugin's `opd_pipeline` loss (in place).
 
     Args:
         cfg: the composed, validated config (`opd.teachers.kind=server`, signal opd or gopd).

@@ -29,7 +29,7 @@ def test_exopd_with_iw_on_veRL_teacher_servers(demo_run):
     assert sorted(metrics) == [1, 2]
     for step, data in metrics.items():
         for key in (
-            "actor/distillation/loss",  # veRL's distillation loss ran with the plugin's pipeline
+            "actor/distillation/loss",  # veRL's distillation loss ran with the plugin's opd_pipeline
             "actor/opd/discrepancy",
             "actor/opd/signal",
             "actor/opd/weight_max",

@@ -1,5 +1,5 @@
 """`opd.teachers.kind=server` becomes veRL's own distillation config, which veRL itself accepts, with the plugin's
-pipeline loss and its stage parameters for the workers; what the servers cannot serve is refused."""
+`opd_pipeline` loss and its stages for the workers; what the servers cannot serve is refused."""
 
 import json
 
@@ -135,7 +135,7 @@ def _micro_batch(weights):
 
 def test_rollout_is_weights_are_folded_into_the_advantages(monkeypatch):
     """veRL 0.9.1 hands the micro-batch's nested rollout_is_weights to its PPO-clip loss, whose aggregation raises;
-    the pipeline loss applies them to A instead, which gives veRL's weighted PPO-clip loss exactly."""
+    the `opd_pipeline` loss applies them to A instead, which gives veRL's weighted PPO-clip loss exactly."""
     import torch
     from omegaconf import OmegaConf as OC
     from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
