@@ -56,9 +56,10 @@ class DemoRun:
         assert out.returncode == 0, f"{recipe} run {name} failed (rc {out.returncode}); log tail:\n{text[-5000:]}"
         return out
 
-    def metrics(self) -> dict[int, dict]:
-        """The logged metrics by step (a resumed run keeps the rows up to its checkpoint); empty before any step."""
-        path = self.run_dir / "metrics.jsonl"
+    def metrics(self, run_dir=None) -> dict[int, dict]:
+        """The logged metrics by step (a resumed run keeps the rows up to its checkpoint); empty before any step.
+        ``run_dir``: a run given its own ``trainer.default_local_dir`` (default: ``tmp_path/run``)."""
+        path = (run_dir or self.run_dir) / "metrics.jsonl"
         by_step: dict[int, dict] = {}
         if path.exists():
             for line in path.read_text().splitlines():

@@ -1,4 +1,5 @@
-"""veRL 0.9.1's real trainer on CPU through `python -m opd_verl.main`: 2 steps, then a resume from the checkpoint.
+"""veRL 0.9.1's real trainer on CPU through `python -m opd_verl.main`: 2 steps with the teacher in its own pool,
+then a resume from the checkpoint, then one step with the teacher colocated on the trainer's 2 logical GPUs.
 
 Slow (Ray start-up ~1.5 min per run; the first run on a fresh machine also trains the demo teacher, ~2 min). Runs
 hold /tmp/opd_heavy.lock so only one Ray job runs on the machine at a time, and every run has a hard timeout: a
@@ -12,13 +13,18 @@ import pytest
 RUN_TIMEOUT_S = 900
 LOCK_WAIT_S = 1500
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(LOCK_WAIT_S + 2 * RUN_TIMEOUT_S + 300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(LOCK_WAIT_S + 3 * RUN_TIMEOUT_S + 300)]
+
+# top_k=1 makes the rollout's sampling deterministic (the log-probs stay those of temperature 1), so runs with
+# different placements score the same responses at step 1.
+SAME_ROLLOUTS = ("actor_rollout_ref.rollout.top_k=1",)
 
 
 REQUIRED = (
     "opd/discrepancy",  # only the plugin's estimator logs it: teacher log-probs reached the advantage
     "opd/signal",
     "opd/teacher_time_s",
+    "opd/teacher_log_prob",  # mean teacher log-prob over response tokens
     "actor/kl_loss",  # reference log-probs computed (exopd turns on the ref policy)
     "actor/grad_norm",
     "actor/loss",
@@ -31,8 +37,9 @@ def _run(demo_run, name, *overrides):
     return demo_run.run("exopd", name, *overrides, run_timeout_s=RUN_TIMEOUT_S, lock_wait_s=LOCK_WAIT_S)
 
 
-def test_two_steps_then_resume(demo_run, tmp_path):
-    first = _run(demo_run, "first", "trainer.total_training_steps=2", "trainer.save_freq=2")
+def test_two_steps_then_resume_then_colocated_teachers(demo_run, tmp_path):
+    separate = ("opd.teachers.placement=separate", *SAME_ROLLOUTS)  # 1 trainer GPU + the teacher's own 1-GPU pool
+    first = _run(demo_run, "first", "trainer.total_training_steps=2", "trainer.save_freq=2", *separate)
     metrics = demo_run.metrics()
     assert sorted(metrics) == [1, 2]
     for step, data in metrics.items():
@@ -46,7 +53,14 @@ def test_two_steps_then_resume(demo_run, tmp_path):
     assert "teacher-student reverse KL" in first.stdout
     assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "summary.json").exists()
 
-    _run(demo_run, "resume", "trainer.total_training_steps=3", "trainer.save_freq=-1", "trainer.resume_mode=auto")
+    _run(
+        demo_run,
+        "resume",
+        "trainer.total_training_steps=3",
+        "trainer.save_freq=-1",
+        "trainer.resume_mode=auto",
+        *separate,
+    )
     resumed = demo_run.metrics()  # the resumed run appends to the history of the first
     assert sorted(resumed) == [1, 2, 3], f"resume did not continue after the step-2 checkpoint: {sorted(resumed)}"
     assert resumed[1] == metrics[1] and resumed[2] == metrics[2], "the resume rewrote the history of steps 1-2"
@@ -55,3 +69,26 @@ def test_two_steps_then_resume(demo_run, tmp_path):
     # A fresh start has actor == reference at its first update (kl_loss 0, as at step 1 above); after loading the
     # step-2 checkpoint the actor has moved away from the reference.
     assert metrics[1]["actor/kl_loss"] == 0.0 and resumed[3]["actor/kl_loss"] > 0.0
+
+    # The default placement: the teacher in veRL's global pool with actor/rollout/ref, sharded with FSDP2 over the
+    # trainer's 2 logical GPUs (2 gloo ranks), parameters offloaded between phases (the recipe's setting). Same
+    # student, data order and deterministic sampling: the first step's teacher log-probs equal the separate run's.
+    colocated_dir = tmp_path / "colocated"
+    _run(
+        demo_run,
+        "colocated",
+        "trainer.total_training_steps=1",
+        "trainer.save_freq=-1",
+        "trainer.n_gpus_per_node=2",
+        "opd.teachers.placement=colocated",
+        f"trainer.default_local_dir={colocated_dir}",
+        *SAME_ROLLOUTS,
+    )
+    colocated = demo_run.metrics(colocated_dir)
+    assert sorted(colocated) == [1]
+    for key in REQUIRED:
+        assert math.isfinite(float(colocated[1][key])), key
+    assert colocated[1]["response_length/mean"] == metrics[1]["response_length/mean"]
+    assert math.isclose(
+        colocated[1]["opd/teacher_log_prob"], metrics[1]["opd/teacher_log_prob"], rel_tol=1e-4, abs_tol=1e-5
+    )
