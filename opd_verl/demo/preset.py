@@ -219,6 +219,9 @@ def apply_cpu_demo(cfg: DictConfig, assets=None) -> DictConfig:
             _set(cfg, f"actor_rollout_ref.{role}.fsdp_config.param_offload", False)
             _set(cfg, f"actor_rollout_ref.{role}.fsdp_config.dtype", "float32")
             _set(cfg, f"actor_rollout_ref.{role}.fsdp_config.model_dtype", "fp32")
+            # veRL's FSDP engine computes in bf16 unless mixed_precision says otherwise; the demo's rollout and
+            # teachers compute in float32, so the student's log-probs must too (else they differ by ~0.04 nats).
+            _set(cfg, f"actor_rollout_ref.{role}.fsdp_config.mixed_precision", {"param_dtype": "fp32"})
         _set(cfg, "actor_rollout_ref.actor.fsdp_config.optimizer_offload", False)
         # Micro-batches by token budget (the reference's and the rollout's log-prob passes follow the actor's
         # use_dynamic_bsz through veRL's defaults; the plugin's teachers follow the reference's); the row counts are

@@ -46,6 +46,8 @@ def test_preset_sets_cpu_settings_and_demo_assets(tmp_path, restore_env):
     )
     assert a.actor.strategy == "fsdp2" and a.ref.strategy == "fsdp2"
     assert a.model.override_config.attn_implementation == "sdpa"
+    # veRL's FSDP engine computes in bf16 unless mixed_precision says otherwise; the rollout and teachers run float32.
+    assert a.actor.fsdp_config.mixed_precision.param_dtype == a.ref.fsdp_config.mixed_precision.param_dtype == "fp32"
     # Packed rows and token budgets for the actor, the reference (whose settings the teachers follow) and the
     # rollout's log-prob pass: (32 + 8)-token rows, 16 a micro-batch for the update, 32 for log-probs.
     assert a.model.use_remove_padding is True and a.actor.use_dynamic_bsz is True
