@@ -12,8 +12,6 @@ token, computed from the last hidden states in chunks of positions (`opd_verl.wo
   carries them (fields ``opd_student_topk_0 .. K-1``, written by the actor's log-prob pass over prompt + response);
 - ``{prefix}_topk_mass``: with the margins, the model's probability mass on those ids (the health diagnostics'
   student/teacher top-K overlap, `opd_verl.health.topk_overlap_mass`);
-- ``{prefix}_candidate_log_probs`` `(n, K)`: the log-probs at those ids, when ``return_candidates`` is set;
-- ``{prefix}_topk_ids`` / ``{prefix}_topk_log_probs`` `(n, k)`: its own top-k, when ``own_topk`` > 0;
 - ``opd_sentence_ids``: sentence index per response token (release rule), when ``sentences`` is set. The
   segmentation runs here, on the worker that holds the batch shard.
 
@@ -59,8 +57,6 @@ def forward_worker_config(
     margin: str | None = None,
     sentences: bool = False,
     split_newlines: bool = True,
-    own_topk: int = 0,
-    return_candidates: bool = False,
     dtype: str = "auto",
     attn_implementation: str | None = None,
 ) -> dict[str, Any]:
@@ -78,8 +74,6 @@ def forward_worker_config(
         margin: ``prob`` | ``logprob``: compute release margins when the batch carries the student's top-K ids.
         sentences: also compute sentence ids of each response (release rule).
         split_newlines: sentence segmentation also splits at newlines.
-        own_topk: return the model's own top-k ids and log-probs (0: no).
-        return_candidates: also return the log-probs at the student's top-K ids `(n, K)`.
         dtype: ``auto`` (bfloat16 on an accelerator, float32 on CPU) | ``float32`` | ``bfloat16`` | ``float16``.
         attn_implementation: passed to ``from_pretrained``; None: ``sdpa``.
     """
@@ -103,8 +97,6 @@ def forward_worker_config(
         "margin": margin,
         "sentences": bool(sentences),
         "split_newlines": bool(split_newlines),
-        "own_topk": int(own_topk),
-        "return_candidates": bool(return_candidates),
         "dtype": dtype,
         "attn_implementation": attn_implementation,
     }
@@ -250,8 +242,7 @@ class ForwardOnlyWorker(Worker):
         n_rows = len(responses)
         temperature = float(_scalar(data, "temperature", 1.0)) if n_rows else 1.0
         self._inject_fault(data)
-        wants_candidates = n_rows and (cfg["margin"] or cfg["return_candidates"])
-        candidates = self._candidates(data, responses) if wants_candidates else None
+        candidates = self._candidates(data, responses) if n_rows and cfg["margin"] else None
 
         scored = [i for i in range(n_rows) if responses[i].numel()]  # an empty response needs no forward
         per_row: dict[str, list[torch.Tensor | None]] = {}
@@ -266,7 +257,6 @@ class ForwardOnlyWorker(Worker):
                 [prompts[i].to(self.device) for i in rows],
                 [responses[i].to(self.device) for i in rows],
                 candidates=None if candidates is None else [candidates[i].to(self.device) for i in rows],
-                topk=cfg["own_topk"],
                 chunk_size=cfg["chunk_size"],
                 temperature=temperature,
                 pad_token_id=pad_id,
@@ -274,7 +264,7 @@ class ForwardOnlyWorker(Worker):
                 packed=cfg["use_remove_padding"],
             )
             out = {k: v.cpu() for k, v in out.items()}
-            if candidates is not None and cfg["margin"]:
+            if candidates is not None:
                 out["margins"] = topk_margin(out["candidate_log_probs"], cfg["margin"]) * out["response_mask"]
                 out["topk_mass"] = topk_overlap_mass(out["candidate_log_probs"]) * out["response_mask"]
             for j, i in enumerate(rows):
@@ -288,16 +278,9 @@ class ForwardOnlyWorker(Worker):
         if not n_rows:
             return TensorDict({}, batch_size=[0])
         fields = {f"{prefix}_log_probs": column("log_probs", (), torch.float32)}
-        if candidates is not None and cfg["margin"]:
+        if candidates is not None:
             fields[f"{prefix}_margins"] = column("margins", (), torch.float32)
             fields[f"{prefix}_topk_mass"] = column("topk_mass", (), torch.float32)
-        if candidates is not None and cfg["return_candidates"]:
-            k = int(candidates[0].shape[-1])
-            fields[f"{prefix}_candidate_log_probs"] = column("candidate_log_probs", (k,), torch.float32)
-        if cfg["own_topk"]:
-            k = cfg["own_topk"]
-            fields[f"{prefix}_topk_ids"] = column("topk_ids", (k,), torch.int64)
-            fields[f"{prefix}_topk_log_probs"] = column("topk_log_probs", (k,), torch.float32)
         if cfg["sentences"]:
             fields[SENTENCE_FIELD] = _nested(self._sentence_rows(data, responses))
         return TensorDict(fields, batch_size=[n_rows])

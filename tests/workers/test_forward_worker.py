@@ -103,8 +103,6 @@ def test_worker_group_matches_direct_forward(ray_cpu, model_dirs):
         chunk_size=3,
         micro_batch_size=3,
         margin="prob",
-        own_topk=3,
-        return_candidates=True,
     )
     out = wg.compute_logprobs(td)
     for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -115,16 +113,12 @@ def test_worker_group_matches_direct_forward(ray_cpu, model_dirs):
             out["opd_teacher_log_probs"][i], full.gather(-1, r[:, None]).squeeze(-1), atol=1e-5, rtol=0
         )
         cand_lp = full.gather(-1, cand)
-        torch.testing.assert_close(out["opd_teacher_candidate_log_probs"][i], cand_lp, atol=1e-5, rtol=0)
         torch.testing.assert_close(
             out["opd_teacher_margins"][i], topk_margin(cand_lp[None], "prob")[0], atol=1e-5, rtol=0
         )
         # the teacher's mass on the student's top-K ids, summed token by token over the full distribution
         mass = [sum(full[t].exp()[c].item() for c in cand[t].tolist()) for t in range(r.numel())]
         torch.testing.assert_close(out["opd_teacher_topk_mass"][i], torch.tensor(mass), atol=1e-5, rtol=0)
-        vals, ids = torch.topk(full, 3, dim=-1)
-        torch.testing.assert_close(out["opd_teacher_topk_log_probs"][i], vals, atol=1e-5, rtol=0)
-        assert torch.equal(out["opd_teacher_topk_ids"][i], ids)
 
 
 def test_routing_two_teachers(ray_cpu, model_dirs):
@@ -198,7 +192,7 @@ def test_two_rank_fsdp_group_matches_direct_forward(ray_cpu, model_dirs, setting
     pool = RayResourcePool(process_on_nodes=[2], use_gpu=False, max_colocate_count=1)
     cls = RayClassWithInitArgs(
         cls=ray.remote(ForwardOnlyWorker),
-        config=forward_worker_config(model_dirs["untied"], "opd_teacher", chunk_size=2, own_topk=2, **settings),
+        config=forward_worker_config(model_dirs["untied"], "opd_teacher", chunk_size=2, **settings),
     )
     wg = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=cls, device_name="cpu")
     landed = wg.init_model()  # what the trainer's start-up line reports
@@ -212,11 +206,9 @@ def test_two_rank_fsdp_group_matches_direct_forward(ray_cpu, model_dirs, setting
     assert len(set(wg.pid())) == 2
     for i, (p, r) in enumerate(zip(prompts, responses)):
         assert out["opd_teacher_log_probs"][i].shape == (r.numel(),)
-        assert out["opd_teacher_topk_ids"][i].shape == (r.numel(), 2)
         if not r.numel():
             continue
         full = _direct(model_dirs["untied"], p, r)
         torch.testing.assert_close(
             out["opd_teacher_log_probs"][i], full.gather(-1, r[:, None]).squeeze(-1), atol=1e-5, rtol=0
         )
-        torch.testing.assert_close(out["opd_teacher_topk_log_probs"][i], full.topk(2, -1).values, atol=1e-5, rtol=0)
